@@ -1,0 +1,185 @@
+"""Typed configuration for every xiaolm run, with named presets.
+
+Each field carries its help text in `metadata["help"]`: the CLI builds its flags from these
+dataclasses (one flag per field, `--hidden-size` for `hidden_size`), so a flag and a config
+field can never drift apart. Every checkpoint stores the resolved configs as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def doc(help_text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A dataclass field whose help text the CLI and docs can read."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": help_text}, **kwargs)
+    return field(default=default, metadata={"help": help_text}, **kwargs)
+
+
+def _multiple_of(value: float, multiple: int) -> int:
+    return multiple * ((int(value) + multiple - 1) // multiple)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder. See model/transformer.py for what each choice means."""
+
+    vocab_size: int = doc("Vocabulary size; must match the tokenizer.", 6400)
+    hidden_size: int = doc("Width of the residual stream.", 256)
+    num_layers: int = doc("Number of transformer blocks.", 4)
+    num_heads: int = doc("Number of query heads; must divide hidden_size.", 4)
+    num_kv_heads: int = doc("Number of key/value heads (GQA); must divide num_heads.", 2)
+    intermediate_size: int = doc(
+        "Hidden width of the SwiGLU feed-forward; 0 means 8/3 * hidden_size rounded up to 64.", 0
+    )
+    max_seq_len: int = doc("Longest context the model is built for (RoPE table, KV cache).", 512)
+    rope_theta: float = doc("RoPE base frequency.", 1e6)
+    norm_eps: float = doc("Epsilon of RMSNorm.", 1e-5)
+    tie_embeddings: bool = doc("Share the input embedding with the output projection.", True)
+    qk_norm: bool = doc("RMSNorm on each head's queries and keys before RoPE (Qwen3/OLMo2 style).", False)
+    dropout: float = doc("Dropout on attention output and MLP output; 0 for pretraining.", 0.0)
+    init_std: float = doc("Standard deviation of the normal initialisation.", 0.02)
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size == 0:
+            self.intermediate_size = _multiple_of(self.hidden_size * 8 / 3, 64)
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model config: num_heads={self.num_heads} must divide hidden_size={self.hidden_size}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model config: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"model config: head_dim={self.head_dim} must be even for RoPE")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
+        return cls(**{**MODEL_PRESETS[name], **overrides})
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # a few million parameters: learns Chinese phrases in minutes on 2 CPU cores
+    "tiny": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=256),
+    # minimind2-small's shape: about 26M parameters
+    "minimind2-small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, max_seq_len=512),
+    # minimind-3's shape: hidden 768, 8 layers, 8 heads, 4 KV heads
+    "minimind-3": dict(hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, max_seq_len=512),
+}
+
+
+@dataclass
+class TrainConfig:
+    """How one training stage runs. Saved with every checkpoint; resume refuses a mismatch."""
+
+    out_dir: str = doc("Run folder: checkpoints, metrics.jsonl, config and report go here.", "runs/pretrain")
+    seq_len: int = doc("Tokens per packed training sequence.", 256)
+    batch_size: int = doc("Sequences per micro-batch on each process.", 16)
+    grad_accum_steps: int = doc("Micro-batches accumulated per optimizer step.", 1)
+    max_steps: int = doc("Optimizer steps to train for.", 1000)
+    lr: float = doc("Peak learning rate.", 3e-3)
+    min_lr_ratio: float = doc("Cosine schedule ends at lr * min_lr_ratio.", 0.1)
+    warmup_steps: int = doc("Linear warmup steps.", 50)
+    weight_decay: float = doc("AdamW weight decay (matrices only; norms and biases get none).", 0.1)
+    beta1: float = doc("AdamW beta1.", 0.9)
+    beta2: float = doc("AdamW beta2.", 0.95)
+    grad_clip: float = doc("Clip the global gradient norm to this; 0 disables.", 1.0)
+    precision: str = doc("auto | bf16 | fp16 | fp32. auto: bf16 on GPUs that have it, else fp32.", "auto")
+    device: str = doc("auto | cpu | cuda | cuda:N | mps.", "auto")
+    compile: bool = doc("Wrap the model in torch.compile (first step is slow).", False)
+    eval_every: int = doc("Validate every N steps (and at the end); 0 disables.", 100)
+    eval_batches: int = doc("Micro-batches per validation.", 8)
+    save_every: int = doc("Write a checkpoint every N steps (and at the end); 0: only at the end.", 200)
+    keep_checkpoints: int = doc("How many recent checkpoints to keep.", 2)
+    log_every: int = doc("Write train metrics every N steps.", 10)
+    seed: int = doc("Seed for initialisation, data order and dropout.", 1337)
+    max_bad_steps: int = doc("Stop after this many consecutive steps with a NaN/inf loss or gradient.", 3)
+    resume: bool = doc("Continue from the latest checkpoint in out_dir.", False)
+    tensorboard: bool = doc("Also log to TensorBoard (needs the tensorboard package).", False)
+    wandb: bool = doc("Also log to Weights & Biases (needs wandb and a login).", False)
+    progress: bool = doc("Show a progress bar.", True)
+
+    def __post_init__(self) -> None:
+        for name in ["seq_len", "batch_size", "grad_accum_steps", "max_steps"]:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train config: {name} must be positive, got {getattr(self, name)}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"train config: precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
+            raise ValueError("train config: warmup_steps, eval_every and save_every must be >= 0")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        """The pretraining schedule that goes with a model preset (what speedrun uses)."""
+        if name not in TRAIN_PRESETS:
+            raise ValueError(f"unknown train preset {name!r}; choose from {sorted(TRAIN_PRESETS)}")
+        return cls(**{**TRAIN_PRESETS[name], **overrides})
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # sized to finish pretraining in under 10 minutes on 2 CPU cores
+    "tiny": dict(seq_len=256, batch_size=16, max_steps=1200, lr=3e-3, warmup_steps=50,
+                 eval_every=200, eval_batches=16, save_every=200),
+    # GPU scale: ~1B tokens at 32 x 512 x 4 tokens per step
+    "minimind2-small": dict(seq_len=512, batch_size=32, grad_accum_steps=4, max_steps=15000, lr=1e-3,
+                            warmup_steps=500, eval_every=500, eval_batches=32, save_every=1000),
+    "minimind-3": dict(seq_len=512, batch_size=32, grad_accum_steps=4, max_steps=15000, lr=8e-4,
+                       warmup_steps=500, eval_every=500, eval_batches=32, save_every=1000),
+}
+
+
+# Fields that may differ between the run that wrote a checkpoint and the run resuming it:
+# they change bookkeeping or how long to go on, not what an exact continuation computes.
+RESUMABLE_TRAIN_FIELDS = frozenset(
+    {"out_dir", "max_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+     "log_every", "resume", "tensorboard", "wandb", "progress", "device", "compile"}
+)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config from a dict, refusing unknown keys with a message naming them."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    return cls(**data)
+
+
+def save_json(path: str | Path, data: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def diff_configs(saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
+    """Human-readable differences between two config dicts, for refusing a mismatched resume."""
+    lines = []
+    for key in sorted(set(saved) | set(current)):
+        if key in ignore:
+            continue
+        if saved.get(key) != current.get(key):
+            lines.append(f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")
+    return lines

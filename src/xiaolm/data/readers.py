@@ -1,0 +1,330 @@
+"""Streaming readers for user pretraining text.
+
+A corpus can be larger than memory, so every reader yields one document at a
+time and never loads a whole file (the one exception is a ``.json`` file that
+holds a single JSON array, which JSON itself cannot stream).
+
+Supported formats, chosen by extension:
+
+- ``.jsonl`` / ``.json``: one JSON object per line with a text field (minimind's
+  format); blank lines are ignored. A ``.json`` file whose first character is
+  ``[`` is read as one JSON array of such objects.
+- ``.txt``: documents separated by one or more blank lines.
+- ``.csv``: the csv module, column ``text_field``.
+- ``.parquet``: pyarrow record batches, column ``text_field`` (``pip install 'xiaolm[data]'``).
+- ``.jsonl.gz``, ``.json.gz``, ``.txt.gz``, ``.csv.gz``: the same, gzip-compressed.
+
+A malformed record raises :class:`BadRecordError` naming ``file:line`` and what is
+wrong, so a user can open the file at that line; ``skip_bad=True`` counts and
+skips such records instead, for messy scraped data.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+__all__ = ["SUPPORTED_EXTENSIONS", "BadRecordError", "ReadStats", "iter_documents", "list_data_files"]
+
+SUPPORTED_EXTENSIONS = (
+    ".jsonl",
+    ".json",
+    ".txt",
+    ".csv",
+    ".parquet",
+    ".jsonl.gz",
+    ".json.gz",
+    ".txt.gz",
+    ".csv.gz",
+)
+
+# xiaolm writes a manifest.json next to every corpus it builds; it describes the
+# corpus and is not part of it, so folder recursion leaves it out.
+_METADATA_FILE_NAMES = frozenset({"manifest.json"})
+
+
+class BadRecordError(ValueError):
+    """A record that cannot become a document; the message reads ``path:line: reason``."""
+
+    def __init__(self, path: str | Path, line: int, reason: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        super().__init__(f"{self.path}:{line}: {reason}")
+
+
+@dataclass
+class ReadStats:
+    """Counts filled in while reading, so a caller can report what was skipped."""
+
+    num_documents: int = 0
+    """Documents yielded."""
+    num_bad: int = 0
+    """Malformed records skipped (only with ``skip_bad=True``)."""
+    bad_examples: list[str] = field(default_factory=list)
+    """The first few skipped records as ``path:line: reason``, to show the user where to look."""
+    max_examples: int = 10
+    """How many ``bad_examples`` to keep; the rest are only counted."""
+
+    def record_bad(self, error: BadRecordError) -> None:
+        """Count one skipped record, keeping its location while there is room."""
+        self.num_bad += 1
+        if len(self.bad_examples) < self.max_examples:
+            self.bad_examples.append(str(error))
+
+
+def _extension(path: Path) -> str | None:
+    """The supported extension ``path`` ends with (longest match), or None."""
+    name = path.name.lower()
+    for ext in sorted(SUPPORTED_EXTENSIONS, key=len, reverse=True):
+        if name.endswith(ext):
+            return ext
+    return None
+
+
+def list_data_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders into the data files to read, in a stable order.
+
+    Folders are walked recursively in sorted order and contribute only files
+    with a supported extension (hidden files and xiaolm's ``manifest.json`` are
+    skipped), so a folder can hold a README next to the data. A file named
+    explicitly must have a supported extension.
+    """
+    if isinstance(paths, (str, Path)):
+        raise ValueError(
+            f"paths must be a list of files or folders, got the single path {str(paths)!r}; "
+            f"wrap it in a list: [{str(paths)!r}]"
+        )
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = []
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    child = Path(dirpath) / name
+                    if name.startswith(".") or name in _METADATA_FILE_NAMES or _extension(child) is None:
+                        continue
+                    found.append(child)
+            files.extend(found)
+        elif path.is_file():
+            if _extension(path) is None:
+                raise ValueError(
+                    f"{path}: unsupported file type; expected one of {', '.join(SUPPORTED_EXTENSIONS)}"
+                )
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: no such file or folder")
+    return files
+
+
+def iter_documents(
+    paths: Sequence[str | Path],
+    *,
+    text_field: str = "text",
+    skip_bad: bool = False,
+    stats: ReadStats | None = None,
+) -> Iterator[str]:
+    """Yield the documents of every file under ``paths``, streaming.
+
+    ``text_field`` names the JSON key / CSV or parquet column holding the text.
+    A malformed record raises :class:`BadRecordError` unless ``skip_bad`` is set,
+    in which case it is counted in ``stats`` and skipped. All paths are checked
+    before the first document is yielded, so a typo fails fast.
+    """
+    files = list_data_files(paths)
+    if stats is None:
+        stats = ReadStats()
+    for path in files:
+        for item in _iter_file(path, text_field):
+            if isinstance(item, BadRecordError):
+                if not skip_bad:
+                    raise item
+                stats.record_bad(item)
+                continue
+            stats.num_documents += 1
+            yield item
+
+
+def _iter_file(path: Path, text_field: str) -> Iterator[str | BadRecordError]:
+    """Documents of one file, with malformed records yielded as errors for the caller to judge."""
+    ext = _extension(path)
+    compressed = ext is not None and ext.endswith(".gz")
+    base = ext.removesuffix(".gz") if ext else None
+    if base == ".parquet":
+        yield from _iter_parquet(path, text_field)
+        return
+    with _open_binary(path, compressed) as raw:
+        if base == ".jsonl":
+            yield from _iter_json_lines(path, raw, text_field)
+        elif base == ".json":
+            first = raw.peek(64)[:64].lstrip() if hasattr(raw, "peek") else b""
+            if first.startswith(b"\xef\xbb\xbf"):
+                first = first[3:].lstrip()
+            if first.startswith(b"["):
+                yield from _iter_json_array(path, raw, text_field)
+            else:
+                yield from _iter_json_lines(path, raw, text_field)
+        elif base == ".txt":
+            yield from _iter_txt(path, raw)
+        elif base == ".csv":
+            yield from _iter_csv(path, raw, text_field)
+        else:  # list_data_files only passes supported extensions
+            raise AssertionError(f"unhandled extension {ext} for {path}")
+
+
+def _open_binary(path: Path, compressed: bool) -> IO[bytes]:
+    """Open for binary reading with a buffer that supports ``peek``."""
+    if compressed:
+        return io.BufferedReader(gzip.open(path, "rb"))  # type: ignore[arg-type]
+    return open(path, "rb")
+
+
+def _decode_lines(path: Path, raw: Iterable[bytes]) -> Iterator[tuple[int, str | BadRecordError]]:
+    """(1-based line number, text) per line; decoding per line gives exact locations for bad UTF-8."""
+    for line_no, data in enumerate(raw, start=1):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield (
+                line_no,
+                BadRecordError(path, line_no, f"not valid UTF-8 ({err.reason} at byte {err.start})"),
+            )
+            continue
+        if line_no == 1:
+            text = text.removeprefix("\ufeff")
+        yield line_no, text
+
+
+def _check_record(path: Path, line_no: int, record: object, text_field: str) -> str | BadRecordError:
+    """The text of one parsed record, or what is wrong with it."""
+    if not isinstance(record, dict):
+        return BadRecordError(
+            path, line_no, f"expected a JSON object with field {text_field!r}, got {type(record).__name__}"
+        )
+    if text_field not in record:
+        keys = sorted(record)[:20]
+        return BadRecordError(
+            path,
+            line_no,
+            f"field {text_field!r} is missing (keys: {keys}); pass text_field= to read another field",
+        )
+    return _check_text(path, line_no, record[text_field], text_field)
+
+
+def _check_text(path: Path, line_no: int, value: object, text_field: str) -> str | BadRecordError:
+    """``value`` if it is a non-empty string, else what is wrong with it."""
+    if not isinstance(value, str):
+        return BadRecordError(
+            path, line_no, f"field {text_field!r} is {type(value).__name__}, expected a string"
+        )
+    if not value.strip():
+        return BadRecordError(path, line_no, f"field {text_field!r} is empty")
+    return value
+
+
+def _iter_json_lines(path: Path, raw: IO[bytes], text_field: str) -> Iterator[str | BadRecordError]:
+    for line_no, line in _decode_lines(path, raw):
+        if isinstance(line, BadRecordError):
+            yield line
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield BadRecordError(path, line_no, f"bad JSON ({err.msg} at column {err.colno})")
+            continue
+        yield _check_record(path, line_no, record, text_field)
+
+
+def _iter_json_array(path: Path, raw: IO[bytes], text_field: str) -> Iterator[str | BadRecordError]:
+    # a JSON array cannot be streamed with the standard library; records are numbered
+    # by position (1-based) because lines carry no meaning inside pretty-printed JSON
+    try:
+        records = json.load(io.TextIOWrapper(raw, encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        line = getattr(err, "lineno", 1)
+        yield BadRecordError(path, line, f"bad JSON array ({err})")
+        return
+    for index, record in enumerate(records, start=1):
+        error_or_text = _check_record(path, index, record, text_field)
+        if isinstance(error_or_text, BadRecordError):
+            error_or_text = BadRecordError(path, index, f"record {index}: {error_or_text.reason}")
+        yield error_or_text
+
+
+def _iter_txt(path: Path, raw: IO[bytes]) -> Iterator[str | BadRecordError]:
+    lines: list[str] = []
+    for _, line in _decode_lines(path, raw):
+        if isinstance(line, BadRecordError):
+            yield line
+            continue
+        line = line.rstrip("\r\n")
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            yield "\n".join(lines)
+            lines = []
+    if lines:
+        yield "\n".join(lines)
+
+
+def _iter_csv(path: Path, raw: IO[bytes], text_field: str) -> Iterator[str | BadRecordError]:
+    # documents are often longer than csv's default 128 KiB field limit
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    text_stream = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+    reader = csv.DictReader(text_stream)
+    try:
+        header = reader.fieldnames
+    except UnicodeDecodeError as err:
+        raise BadRecordError(path, 1, f"not valid UTF-8 ({err.reason})") from None
+    if not header or text_field not in header:
+        # a header without the column makes every row unusable: not a skippable record
+        raise BadRecordError(
+            path,
+            1,
+            f"column {text_field!r} is missing (header: {header}); pass text_field= to read another column",
+        )
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as err:
+            # decoding happens in blocks, so the position is that of the last good row
+            raise BadRecordError(path, reader.line_num + 1, f"not valid UTF-8 ({err.reason})") from None
+        except csv.Error as err:
+            yield BadRecordError(path, reader.line_num, f"bad CSV ({err})")
+            continue
+        yield _check_text(path, reader.line_num, row.get(text_field), text_field)
+
+
+def _iter_parquet(path: Path, text_field: str) -> Iterator[str | BadRecordError]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(
+            f"{path}: reading parquet needs pyarrow; install it with pip install 'xiaolm[data]'"
+        ) from None
+    parquet_file = pq.ParquetFile(path)
+    names = parquet_file.schema_arrow.names
+    if text_field not in names:
+        raise BadRecordError(
+            path,
+            1,
+            f"column {text_field!r} is missing (columns: {names}); pass text_field= to read another column",
+        )
+    row = 0
+    for batch in parquet_file.iter_batches(columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            row += 1  # parquet has no lines: the number is the 1-based row
+            yield _check_text(path, row, value, text_field)

@@ -1,0 +1,43 @@
+"""Load a checkpoint for inference and stream completions as text."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from xiaolm.inference.generate import SamplingConfig, TextStreamer, generate_tokens
+from xiaolm.model.transformer import Transformer
+from xiaolm.tokenizer.bpe import XiaoTokenizer
+from xiaolm.train.checkpoint import load_model
+from xiaolm.train.distributed import resolve_device
+
+
+def load_for_inference(path: str | Path, device: str = "auto") -> tuple[Transformer, XiaoTokenizer]:
+    model, tokenizer, _ = load_model(path, resolve_device(device))
+    model.eval()
+    return model, tokenizer
+
+
+def stream_completion(
+    model: Transformer, tokenizer: XiaoTokenizer, prompt: str, sampling: SamplingConfig
+) -> Iterator[str]:
+    """Continue `prompt`, yielding text pieces as soon as they form whole characters.
+
+    Generation stops at <|endoftext|> or <|im_end|>; neither is printed.
+    """
+    prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]  # an empty prompt starts a new document
+    stop_ids = (tokenizer.eos_id, tokenizer.im_end_id)
+    streamer = TextStreamer(tokenizer.token_bytes(), skip_ids=tokenizer.special_ids)
+    with torch.inference_mode():
+        for next_ids in generate_tokens(model, prompt_ids, sampling, stop_ids=stop_ids):
+            token = int(next_ids[0])
+            if token in stop_ids:
+                break
+            piece = streamer.push(token)
+            if piece:
+                yield piece
+    tail = streamer.flush()
+    if tail:
+        yield tail

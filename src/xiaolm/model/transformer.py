@@ -1,0 +1,235 @@
+"""The xiaolm decoder: a Llama-style transformer in one file.
+
+Choices, top to bottom:
+- token embedding, no absolute positions;
+- pre-norm blocks with RMSNorm (weight only, no bias anywhere in the model);
+- attention with rotary position embeddings in the rotate-half convention (the layout of
+  Llama / Qwen2 in transformers, so weights map 1:1), grouped-query attention (num_kv_heads
+  key/value heads shared by num_heads query heads), optional QK-norm, computed by
+  `scaled_dot_product_attention` so the fused / flash kernels run where they exist;
+- a SwiGLU feed-forward, down(silu(gate(x)) * up(x)); each block builds its feed-forward through
+  `make_feed_forward`, the single place a Mixture-of-Experts layer can replace the dense one;
+- a final RMSNorm and an output projection tied to the embedding (configurable);
+- a preallocated KV cache for decoding (`KVCache`), filled in place.
+All initialisation lives in `init_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xiaolm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32: bf16 sums of squares lose too much precision
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_len, head_dim), halves repeated as in rotate-half RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D). Rotate-half: pairs are (i, i + D/2), as in Llama."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for every layer; `length` positions are filled."""
+
+    keys: torch.Tensor  # (L, B, KVH, max_len, D)
+    values: torch.Tensor  # (L, B, KVH, max_len, D)
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, batch_size: int, max_len: int, device, dtype) -> KVCache:
+        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, KVH, T, D) at the current length; return everything cached so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer: int,
+        cache: KVCache | None,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KVH, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KVH, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KVH, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, KVH, S, D) with S = cached + T
+        is_causal = attn_mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,  # KV heads shared without copying
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_feed_forward(config: ModelConfig, layer: int) -> nn.Module:
+    """The feed-forward of block `layer`. A Mixture-of-Experts layer plugs in here."""
+    return FeedForward(config.hidden_size, config.intermediate_size)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = Attention(config)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = make_feed_forward(config, layer)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache, attn_mask):
+        x = x + self.dropout(self.attn(self.input_norm(x), cos, sin, self.layer, cache, attn_mask))
+        return x + self.dropout(self.mlp(self.post_attn_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        # not persistent: derived from the config, so never stored in checkpoints
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, init_std) for every matrix; output projections of each block scaled by
+        1/sqrt(2 * num_layers) (GPT-2) so the residual stream's variance does not grow with depth;
+        norms start at 1."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual_out = name.endswith("o_proj") or name.endswith("down_proj")
+                module.weight.normal_(0.0, residual_std if is_residual_out else std, generator=generator)
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if exclude_embeddings:
+            total -= self.embed_tokens.weight.numel()
+        return total
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V).
+
+        With a cache, positions start at `cache.length` and the cache advances by T.
+        `attn_mask` (bool, broadcastable to (B, H, T, S), True = may attend) overrides the causal
+        mask, e.g. to keep packed documents apart.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        if cache is not None and attn_mask is None and start > 0 and T > 1:
+            # continuing a filled cache with several tokens: query i sees keys up to start + i
+            key_pos = torch.arange(start + T, device=input_ids.device)
+            query_pos = torch.arange(start, start + T, device=input_ids.device)
+            attn_mask = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+        cos = self.rope_cos[start:start + T]  # (T, D)
+        sin = self.rope_sin[start:start + T]  # (T, D)
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        for block in self.layers:
+            x = block(x, cos, sin, cache, attn_mask)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def allocate_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        param = self.embed_tokens.weight
+        return KVCache.allocate(
+            self.config, batch_size, max_len or self.config.max_seq_len, param.device, dtype or param.dtype
+        )

@@ -1,0 +1,182 @@
+"""Checkpoint folders: written whole under a temporary name, then renamed.
+
+Layout of `RUN/checkpoints/step_000100/`:
+  model.safetensors   fp32 weights (a tied output projection is stored once, as the embedding)
+  config.json         {"model": ModelConfig, "train": TrainConfig, ...}
+  tokenizer.json, tokenizer_config.json, special_tokens_map.json
+  training_state.pt   optimizer, step, RNG states, data position (absent in exported models)
+`RUN/checkpoints/latest` names the newest complete checkpoint; it is replaced atomically only
+after the folder is complete, so a kill at any moment leaves the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from xiaolm.config import ModelConfig, from_dict
+from xiaolm.model.transformer import Transformer
+from xiaolm.tokenizer.bpe import XiaoTokenizer, load_tokenizer
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "training_state.pt"
+LATEST_FILE = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def model_state_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as embed_tokens.weight
+    return state
+
+
+def write_model_folder(
+    directory: Path,
+    model: Transformer,
+    tokenizer: XiaoTokenizer,
+    configs: dict[str, Any],
+    training_state: dict[str, Any] | None = None,
+) -> None:
+    """Write every file of a checkpoint into `directory` (which must not exist yet)."""
+    directory.mkdir(parents=True)
+    save_file(model_state_for_saving(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(configs, indent=2, ensure_ascii=False) + "\n")
+    tokenizer.save(directory)
+    if training_state is not None:
+        torch.save(training_state, directory / STATE_FILE)
+    for f in directory.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(directory)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: Transformer,
+    tokenizer: XiaoTokenizer,
+    configs: dict[str, Any],
+    training_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Save atomically as RUN/checkpoints/step_NNNNNN and point `latest` at it."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model_folder(tmp, model, tokenizer, configs, training_state)
+    final = root / name
+    if final.exists():  # re-saving a step (after a resume): move the old one aside first
+        trash = root / f".old-{name}-{os.getpid()}"
+        final.rename(trash)
+        shutil.rmtree(trash)
+    tmp.rename(final)
+    _fsync_dir(root)
+    latest_tmp = root / f".{LATEST_FILE}.tmp"
+    latest_tmp.write_text(name + "\n")
+    os.replace(latest_tmp, root / LATEST_FILE)
+    _fsync_dir(root)
+    prune_checkpoints(root, keep)
+    return final
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    latest = (root / LATEST_FILE).read_text().strip()
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[: max(0, len(steps) - keep)]:
+        if old.name != latest:
+            shutil.rmtree(old)
+    for stale in root.glob(".tmp-*"):  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint folder, a run folder, or a run's checkpoints folder."""
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        latest = root / LATEST_FILE
+        if latest.is_file():
+            candidate = root / latest.read_text().strip()
+            if (candidate / MODEL_FILE).is_file():
+                return candidate
+    raise ValueError(f"no checkpoint found at {path} (expected {MODEL_FILE} or checkpoints/{LATEST_FILE})")
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
+    try:
+        return resolve_checkpoint(Path(run_dir) / "checkpoints")
+    except ValueError:
+        return None
+
+
+def read_configs(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{checkpoint}: {CONFIG_FILE} is missing")
+    return json.loads(path.read_text())
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, XiaoTokenizer, dict]:
+    """Load model (fp32), tokenizer and configs from a checkpoint, run folder or exported model."""
+    checkpoint = resolve_checkpoint(path)
+    configs = read_configs(checkpoint)
+    model_config = from_dict(ModelConfig, configs["model"])
+    model = Transformer(model_config)
+    load_weights(model, checkpoint / MODEL_FILE)
+    tokenizer = load_tokenizer(checkpoint)
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise ValueError(
+            f"{checkpoint}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {model_config.vocab_size}"
+        )
+    return model.to(device), tokenizer, configs
+
+
+def load_weights(model: Transformer, file: Path) -> None:
+    state = load_file(str(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    bad_missing = set(missing) - allowed_missing
+    if bad_missing or unexpected:
+        raise ValueError(
+            f"{file}: weights do not fit the model config: missing {sorted(bad_missing)}, unexpected {sorted(unexpected)}"
+        )
+
+
+def capture_rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,85 @@
+"""Training stages as small builders over the one loop in loop.py."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from xiaolm.config import TrainConfig
+from xiaolm.data.shards import PackedTokens
+from xiaolm.train.distributed import DistContext
+from xiaolm.train.loop import Batch, Stage
+
+
+def next_token_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy of each target token; targets of -100 carry no loss."""
+    logits = model(batch["inputs"])  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100)
+    return loss, batch["inputs"].numel()
+
+
+def evaluate_packed(
+    data: PackedTokens, token_num_bytes: torch.Tensor, batch_size: int, num_batches: int
+) -> Callable[[nn.Module, DistContext, Callable], dict[str, float]]:
+    """Validation loss and bits-per-byte over the first windows of `data`, split across ranks.
+
+    Bits-per-byte = total nats / ln 2 / total bytes of the target tokens: the loss of a model
+    per byte of text, comparable across tokenizers.
+    """
+
+    def evaluate(model: nn.Module, ctx: DistContext, autocast: Callable) -> dict[str, float]:
+        # the same windows whatever the world size: num_batches * batch_size per process,
+        # so W processes with batch B see what one process with batch W * B sees
+        total = min(data.num_windows, num_batches * batch_size * ctx.world_size)
+        per_rank = total // ctx.world_size
+        device = next(model.parameters()).device
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+        byte_table = token_num_bytes.to(device)
+        first = ctx.rank * per_rank
+        for start in range(first, first + per_rank, batch_size):
+            inputs, targets = data.batch(start, min(batch_size, first + per_rank - start))
+            inputs, targets = inputs.to(device), targets.to(device)
+            with autocast():
+                logits = model(inputs)
+            nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            totals += torch.stack([nats.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=device),
+                                   byte_table[targets].sum().double()])
+        if ctx.enabled:
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        nats, tokens, num_bytes = totals.tolist()
+        return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(num_bytes, 1.0)}
+
+    return evaluate
+
+
+def pretrain_stage(
+    train_data: PackedTokens,
+    val_data: PackedTokens | None,
+    token_num_bytes: torch.Tensor,
+    cfg: TrainConfig,
+    identity: dict | None = None,
+) -> Stage:
+    """Next-token prediction on packed windows. Micro-batch m of rank r takes the samples
+    ((m * world + r) * B ...): a run on W processes sees exactly the samples one process with
+    W times the batch would."""
+
+    def train_batch(micro_index: int, rank: int, world_size: int) -> Batch:
+        first = (micro_index * world_size + rank) * cfg.batch_size
+        inputs, targets = train_data.batch(first, cfg.batch_size)
+        return {"inputs": inputs, "targets": targets}
+
+    evaluate = None
+    if val_data is not None:
+        evaluate = evaluate_packed(val_data, token_num_bytes, cfg.batch_size, cfg.eval_batches)
+    return Stage(
+        name="pretrain",
+        train_batch=train_batch,
+        compute_loss=next_token_loss,
+        evaluate=evaluate,
+        identity=identity or {},
+    )

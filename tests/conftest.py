@@ -1,0 +1,54 @@
+"""Shared tiny fixtures: a tokenizer trained on the committed corpus sample, tiny configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from xiaolm.config import ModelConfig, TrainConfig
+from xiaolm.tokenizer.bpe import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+
+
+def sample_texts(split: str = "train", limit: int | None = None) -> list[str]:
+    texts = []
+    with open(SAMPLE / f"{split}.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            texts.append(json.loads(line)["text"])
+            if limit and len(texts) >= limit:
+                break
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(sample_texts("train", limit=400), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, tokenizer):
+    directory = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save(directory)
+    return directory
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
+    return ModelConfig(**{**base, **overrides})
+
+
+def tiny_train_config(out_dir, **overrides) -> TrainConfig:
+    base = dict(out_dir=str(out_dir), seq_len=32, batch_size=4, max_steps=8, lr=3e-3, warmup_steps=2,
+                eval_every=4, eval_batches=2, save_every=4, log_every=1, progress=False, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,58 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xiaolm.tokenizer.bpe import CHAT_TEMPLATE, SPECIAL_TOKENS, load_tokenizer, render_chat, train_tokenizer
+
+
+def test_special_token_ids(tokenizer):
+    assert [tokenizer.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
+    assert tokenizer.eos_id == 0 and tokenizer.im_start_id == 1 and tokenizer.im_end_id == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_round_trip_any_unicode(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert b"".join(tokenizer.token_bytes()[i] for i in ids) == text.encode("utf-8")
+
+
+def test_round_trip_with_special_tokens_in_text(tokenizer):
+    text = f"{SPECIAL_TOKENS[1]}user\n你好{SPECIAL_TOKENS[2]}\n"
+    ids = tokenizer.encode(text)
+    assert tokenizer.im_start_id in ids and tokenizer.im_end_id in ids
+    assert tokenizer.decode(ids) == text
+
+
+def test_save_and_load(tokenizer, tokenizer_dir):
+    loaded = load_tokenizer(tokenizer_dir)
+    assert loaded.encode("中华人民共和国宪法") == tokenizer.encode("中华人民共和国宪法")
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="xiaolm tokenizer train"):
+        load_tokenizer(tmp_path)
+
+
+def test_vocab_too_small():
+    with pytest.raises(ValueError, match="at least"):
+        train_tokenizer(["abc"], vocab_size=100)
+
+
+def test_hf_autotokenizer_loads_and_renders_chat(tokenizer, tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    messages = [
+        {"role": "system", "content": "你是小助手。"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！有什么可以帮你？"},
+        {"role": "user", "content": "讲个故事"},
+    ]
+    for add_generation_prompt in (False, True):
+        rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        assert rendered == render_chat(messages, add_generation_prompt=add_generation_prompt)
+    text = render_chat(messages, add_generation_prompt=True)
+    assert hf(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+    assert hf.eos_token == "<|im_end|>" and hf.pad_token == "<|endoftext|>"
+    assert "im_start" in CHAT_TEMPLATE

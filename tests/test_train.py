@@ -1,0 +1,108 @@
+import json
+import math
+
+import pytest
+import torch
+
+from xiaolm.data.shards import PackedTokens, write_shards
+from xiaolm.model.transformer import Transformer
+from xiaolm.train import checkpoint as ckpt
+from xiaolm.train.loop import TrainingDiverged, train
+from xiaolm.train.pretrain import pretrain, token_num_bytes
+from xiaolm.train.stages import pretrain_stage
+
+from conftest import sample_texts, tiny_model_config, tiny_train_config
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("data")
+    write_shards(sample_texts("train", limit=300), tokenizer, root / "train", source_key="train")
+    write_shards(sample_texts("val", limit=50), tokenizer, root / "val", source_key="val")
+    return root / "train", root / "val"
+
+
+def losses(run_dir):
+    return [r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "tok_per_s" in r]
+
+
+def test_loss_falls_and_checkpoint_loads(tmp_path, tokenizer, shards):
+    cfg = tiny_train_config(tmp_path / "run", max_steps=30, eval_every=10, save_every=10, keep_checkpoints=2)
+    result = pretrain(tiny_model_config(), cfg, tokenizer, *shards)
+    curve = losses(tmp_path / "run")
+    assert curve[-1] < curve[0] - 0.5
+    assert math.isfinite(result.last_eval["val_bpb"]) and result.last_eval["val_bpb"] > 0
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert kept == ["step_000020", "step_000030"]
+    model, tok, configs = ckpt.load_model(tmp_path / "run")
+    assert configs["model"]["hidden_size"] == 64 and tok.vocab_size == tokenizer.vocab_size
+    assert "lm_head.weight" not in ckpt.model_state_for_saving(model)  # tied: stored once
+
+
+def test_resume_continues_exactly(tmp_path, tokenizer, shards):
+    full = tiny_train_config(tmp_path / "full", max_steps=12, save_every=6)
+    pretrain(tiny_model_config(dropout=0.1), full, tokenizer, *shards)
+    half = tiny_train_config(tmp_path / "half", max_steps=12, save_every=6)
+    pretrain(tiny_model_config(dropout=0.1), half, tokenizer, *shards, stop_after_steps=6)
+    assert len(losses(tmp_path / "half")) == 6
+    resumed = tiny_train_config(tmp_path / "half", max_steps=12, save_every=6, resume=True)
+    pretrain(tiny_model_config(dropout=0.1), resumed, tokenizer, *shards)
+    assert losses(tmp_path / "half") == losses(tmp_path / "full")  # bit for bit, dropout included
+    a = ckpt.load_model(tmp_path / "full")[0].state_dict()
+    b = ckpt.load_model(tmp_path / "half")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_checkpoints_need_resume(tmp_path, tokenizer, shards):
+    cfg = tiny_train_config(tmp_path / "run", max_steps=2)
+    pretrain(tiny_model_config(), cfg, tokenizer, *shards)
+    with pytest.raises(ValueError, match="pass --resume"):
+        pretrain(tiny_model_config(), cfg, tokenizer, *shards)
+
+
+def test_resume_refuses_a_different_config(tmp_path, tokenizer, shards):
+    pretrain(tiny_model_config(), tiny_train_config(tmp_path / "run", max_steps=2), tokenizer, *shards)
+    with pytest.raises(ValueError, match=r"model.hidden_size: checkpoint has 64, this run has 128"):
+        pretrain(tiny_model_config(hidden_size=128), tiny_train_config(tmp_path / "run", max_steps=4, resume=True),
+                 tokenizer, *shards)
+    with pytest.raises(ValueError, match=r"train.lr"):
+        pretrain(tiny_model_config(), tiny_train_config(tmp_path / "run", max_steps=4, resume=True, lr=1.0),
+                 tokenizer, *shards)
+
+
+def test_killed_save_leaves_last_good_checkpoint(tmp_path, tokenizer, shards):
+    run = tmp_path / "run"
+    pretrain(tiny_model_config(), tiny_train_config(run, max_steps=4, save_every=4), tokenizer, *shards)
+    root = run / "checkpoints"
+    # what a kill in the middle of writing step 8 leaves behind: a partial temporary folder
+    partial = root / ".tmp-step_000008-999"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"partial")
+    assert ckpt.resolve_checkpoint(run).name == "step_000004"
+    result = pretrain(tiny_model_config(), tiny_train_config(run, max_steps=8, save_every=4, resume=True),
+                      tokenizer, *shards)
+    assert result.checkpoint.name == "step_000008" and not partial.exists()
+
+
+def test_nonfinite_loss_skips_updates_then_stops(tmp_path, tokenizer, shards):
+    cfg = tiny_train_config(tmp_path / "run", max_steps=10, save_every=2, max_bad_steps=3)
+    data = PackedTokens(shards[0], cfg.seq_len, seed=0)
+    stage = pretrain_stage(data, None, token_num_bytes(tokenizer), cfg)
+    good_loss = stage.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):  # finite for 4 steps, then NaN forever
+        calls["n"] += 1
+        loss, n = good_loss(model, batch)
+        return (loss if calls["n"] <= 4 else loss * float("nan")), n
+
+    stage.compute_loss = poisoned
+    model = Transformer(tiny_model_config())
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps"):
+        train(model, stage, cfg, tokenizer=tokenizer, configs={})
+    # no checkpoint is written during a non-finite streak: the latest is the last good step
+    assert ckpt.resolve_checkpoint(tmp_path / "run").name == "step_000004"
+    saved = ckpt.load_model(tmp_path / "run")[0]
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+    # the skipped updates left the weights as they were at step 4
+    assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), model.parameters()))
