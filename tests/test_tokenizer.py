@@ -56,3 +56,14 @@ def test_hf_autotokenizer_loads_and_renders_chat(tokenizer, tokenizer_dir):
     assert hf(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
     assert hf.eos_token == "<|im_end|>" and hf.pad_token == "<|endoftext|>"
     assert "im_start" in CHAT_TEMPLATE
+
+
+def test_spread_sample_draws_from_everywhere():
+    from xiaolm.utils import spread_sample
+
+    texts = [f"a{i}" * 50 for i in range(100)] + [f"b{i}" * 50 for i in range(100)]  # two "sources"
+    picked = list(spread_sample(lambda: iter(texts), max_chars=sum(map(len, texts)) // 10))
+    assert 15 <= len(picked) <= 25
+    assert any(t.startswith("a") for t in picked) and any(t.startswith("b") for t in picked)
+    assert picked == list(spread_sample(lambda: iter(texts), max_chars=sum(map(len, texts)) // 10))
+    assert list(spread_sample(lambda: iter(texts), max_chars=10**9)) == texts

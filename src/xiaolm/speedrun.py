@@ -19,7 +19,7 @@ from xiaolm.inference.generate import SamplingConfig
 from xiaolm.inference.session import load_for_inference, stream_completion
 from xiaolm.tokenizer.bpe import load_tokenizer, train_tokenizer
 from xiaolm.train.pretrain import pretrain
-from xiaolm.utils import take_chars
+from xiaolm.utils import spread_sample
 
 SAMPLE_PROMPTS = ["中华人民共和国", "三国时期，", "今天天气很好，", "本法所称", "我觉得这本书", "To be, or not to be"]
 
@@ -30,7 +30,7 @@ def speedrun(
     vocab_size: int = 6400,
     include_npm: bool | None = None,
     corpus: Path | None = None,
-    tokenizer_chars: int = 30_000_000,
+    tokenizer_chars: int = 5_000_000,
     cache_dir: Path = Path.home() / ".cache" / "xiaolm",
     model_overrides: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
@@ -64,7 +64,8 @@ def speedrun(
         print(f"reusing {tokenizer_dir}")
         tokenizer = load_tokenizer(tokenizer_dir)
     else:
-        tokenizer = train_tokenizer(take_chars(iter_documents([train_file]), tokenizer_chars), vocab_size)
+        texts = spread_sample(lambda: iter_documents([train_file]), tokenizer_chars)
+        tokenizer = train_tokenizer(texts, vocab_size)
         tokenizer.save(tokenizer_dir)
     timings["tokenizer"] = time.perf_counter() - started
 

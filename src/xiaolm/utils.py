@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -20,11 +20,22 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-def take_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
-    """The first texts until about `max_chars` characters have been yielded."""
-    seen = 0
-    for text in texts:
-        if seen >= max_chars:
-            return
+def spread_sample(make_texts: Callable[[], Iterable[str]], max_chars: int) -> Iterator[str]:
+    """About `max_chars` characters of texts drawn evenly from the whole collection.
+
+    Corpora are written source by source, so the first N characters would all come from the
+    first sources. Two passes: one counts, the second keeps every k-th character's worth
+    (deterministic, so a rerun trains the same tokenizer).
+    """
+    total = sum(len(text) for text in make_texts())
+    if total <= max_chars:
+        yield from make_texts()
+        return
+    step = total / max_chars  # keep one character in `step`, a whole document at a time
+    seen = 0.0
+    next_keep = 0.0
+    for text in make_texts():
         seen += len(text)
-        yield text
+        if seen >= next_keep:
+            yield text
+            next_keep += len(text) * step
