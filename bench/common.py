@@ -1,0 +1,200 @@
+"""Shared pieces of the benchmarks: the peer model, interleaved timing, and the report.
+
+Every benchmark measures xiaolm and its peer in the same process, alternating them
+(A, B, B, A, A, B, ...) so that load from other work on a shared machine hits both alike,
+and reports medians and their ratio rather than trusting any absolute figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from xiaolm.config import ModelConfig
+from xiaolm.model.transformer import Transformer
+
+
+def build_hf_llama(config: ModelConfig, source: Transformer | None = None):
+    """transformers' LlamaForCausalLM with xiaolm's shape and SDPA attention; with `source`,
+    its weights are copied over so both models compute the same function."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        tie_word_embeddings=config.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        # no padding_idx: xiaolm's embedding has none, and it would zero that row's gradient
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        attn_implementation="sdpa",
+    )
+    if config.qk_norm:
+        raise ValueError("LlamaForCausalLM has no QK-norm; benchmark a config with qk_norm=False")
+    model = LlamaForCausalLM(hf_config).float()
+    if source is not None:
+        copy_weights_to_hf(source, model)
+    return model
+
+
+def hf_state_dict_from_xiaolm(source: Transformer) -> dict[str, torch.Tensor]:
+    """xiaolm's state dict under transformers' Llama names (a 1:1 renaming)."""
+    renames = {
+        "attn.": "self_attn.",
+        "input_norm.": "input_layernorm.",
+        "post_attn_norm.": "post_attention_layernorm.",
+    }
+    out = {}
+    for name, tensor in source.state_dict().items():
+        if name.startswith("lm_head."):
+            out[name] = tensor
+            continue
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        out["model." + name] = tensor
+    return out
+
+
+@torch.no_grad()
+def copy_weights_to_hf(source: Transformer, target) -> None:
+    weights = hf_state_dict_from_xiaolm(source)
+    missing, unexpected = target.load_state_dict(weights, strict=False)
+    # the tied lm_head may be reported missing; everything else must match exactly
+    missing = [k for k in missing if not (k == "lm_head.weight" and source.config.tie_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
+    if source.config.tie_embeddings:
+        assert target.lm_head.weight.data_ptr() == target.model.embed_tokens.weight.data_ptr()
+
+
+def make_train_step(forward, model, optimizer, batches, precision: str) -> Callable[[], float]:
+    """A closure running one training step (forward, cross-entropy with targets of -100 ignored,
+    backward, clip to norm 1, optimizer step) on the next batch of `batches` (cycled); it
+    returns the loss. `forward(model, inputs)` gives logits (B, T, V)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = {"index": 0}
+
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step() -> float:
+        inputs, targets = batches[state["index"] % len(batches)]
+        state["index"] += 1
+        with autocast():
+            logits = forward(model, inputs)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def interleaved_times(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each callable over `rounds` rounds, alternating the order every round
+    (A B, B A, A B, ...) so drifting background load does not favour either side."""
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: Sequence[float]) -> str:
+    """min-max of a list relative to its median, to show how noisy a figure was."""
+    mid = median(values)
+    return f"{(min(values) / mid - 1) * 100:+.0f}% / {(max(values) / mid - 1) * 100:+.0f}%"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine_description(threads: int) -> str:
+    """One markdown paragraph: CPU model, cores, the matmul-relevant ISA flags, library versions."""
+    model, cores = platform.processor() or "unknown CPU", "?"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+        model = fields.get("Model name", model).strip()
+        cores = fields.get("CPU(s)", cores).strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    flags = cpu_flags()
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"]
+    isa = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
+    versions = f"torch {torch.__version__}"
+    try:
+        import transformers
+
+        versions += f", transformers {transformers.__version__}"
+    except ImportError:
+        pass
+    return (f"Machine: {model}, {cores} CPU(s), {threads} torch thread(s); {isa}; {versions}; "
+            f"Python {platform.python_version()}.")
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(arg) for arg in [_relative_script(), *sys.argv[1:]])
+
+
+def _relative_script() -> str:
+    script = Path(sys.argv[0]).resolve()
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def print_report(title: str, threads: int, table: str, notes: Sequence[str] = ()) -> None:
+    print(f"## {title}\n")
+    print(f"Command: `{command_line()}`\n")
+    print(machine_description(threads) + "\n")
+    print(table + "\n")
+    for note in notes:
+        print(note)
+    sys.stdout.flush()

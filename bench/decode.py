@@ -1,0 +1,113 @@
+"""Greedy decoding tokens/s of xiaolm's `generate_tokens` against transformers' `generate`.
+
+Both models have the same shape and weights; both prefill the same prompt and then decode
+with their KV cache (xiaolm: preallocated in place; transformers: its default DynamicCache).
+Each run is timed end to end (prefill included) and produces exactly max_new_tokens per row.
+The greedy outputs are compared token for token.
+
+    python bench/decode.py --batch-sizes 1 8 --prompt-len 32 --new-tokens 256 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from common import build_hf_llama, interleaved_times, markdown_table, median, print_report, spread
+from xiaolm.config import ModelConfig
+from xiaolm.inference.generate import SamplingConfig, generate_tokens
+from xiaolm.model.transformer import Transformer
+
+
+def xiaolm_generate(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    steps = generate_tokens(model, prompt, SamplingConfig(max_new_tokens=new_tokens, temperature=0))
+    return torch.stack(list(steps), dim=1)  # (B, new_tokens)
+
+
+def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+        eos_token_id=None, pad_token_id=0, bos_token_id=None,
+    )
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+    return out[:, prompt.shape[1]:]  # (B, new_tokens)
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How far two (B, N) greedy outputs agree."""
+    same_rows = int((a == b).all(dim=1).sum())
+    differ = (a != b)
+    if not differ.any():
+        return f"identical ({a.shape[0]} x {a.shape[1]} tokens)"
+    first = [int(row.nonzero()[0]) if row.any() else None for row in differ]
+    firsts = [f for f in first if f is not None]
+    return (f"{same_rows}/{a.shape[0]} rows identical; {int(differ.sum())} of {a.numel()} tokens differ; "
+            f"first divergence at step {min(firsts)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="minimind2-small")
+    parser.add_argument("--vocab-size", type=int, default=6400)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs of each, interleaved")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = ModelConfig.from_preset(args.preset, vocab_size=args.vocab_size)
+    if args.prompt_len + args.new_tokens > config.max_seq_len:
+        raise ValueError(f"prompt + new tokens must fit max_seq_len={config.max_seq_len}")
+    torch.manual_seed(args.seed)
+    xiao = Transformer(config).eval()
+    hf = build_hf_llama(config, source=copy.deepcopy(xiao)).eval()
+    generator = torch.Generator().manual_seed(args.seed)
+
+    rows, notes = [], []
+    for batch_size in args.batch_sizes:
+        prompt = torch.randint(3, config.vocab_size, (batch_size, args.prompt_len), generator=generator)
+        outputs = {}
+        runs = {
+            "xiaolm": lambda: outputs.update(xiaolm=xiaolm_generate(xiao, prompt, args.new_tokens)),
+            "transformers": lambda: outputs.update(transformers=hf_generate(hf, prompt, args.new_tokens)),
+        }
+        for run in runs.values():  # warmup, and the outputs to compare
+            run()
+        for name, out in outputs.items():
+            if out.shape != (batch_size, args.new_tokens):
+                raise RuntimeError(f"{name} produced {tuple(out.shape)} tokens")
+        agreement = compare(outputs["xiaolm"], outputs["transformers"])
+        times = interleaved_times(runs, args.rounds)
+        tokens = batch_size * args.new_tokens
+        tok_s = {name: tokens / median(t) for name, t in times.items()}
+        rows.append([
+            batch_size, f"{tok_s['xiaolm']:,.1f}", f"{tok_s['transformers']:,.1f}",
+            f"{tok_s['xiaolm'] / tok_s['transformers']:.3f}",
+            spread(times["xiaolm"]), spread(times["transformers"]), agreement,
+        ])
+        print(f"[batch {batch_size}] seconds xiaolm {[round(t, 2) for t in times['xiaolm']]} "
+              f"transformers {[round(t, 2) for t in times['transformers']]}", flush=True)
+
+    notes.append(f"Model: preset {args.preset}, fp32, random weights (same in both), "
+                 f"vocab {args.vocab_size}; "
+                 f"{args.prompt_len}-token random prompt, {args.new_tokens} new tokens per row, greedy; "
+                 f"tok/s = batch x new tokens / wall time of the whole call (prefill included); "
+                 f"1 warmup + {args.rounds} timed runs each, interleaved.")
+    table = markdown_table(
+        ["batch", "xiaolm tok/s", "transformers tok/s", "ratio xiaolm/transformers",
+         "xiaolm spread", "transformers spread", "greedy outputs"],
+        rows,
+    )
+    print_report("Greedy decoding throughput (KV cache)", args.threads, table, notes)
+
+
+if __name__ == "__main__":
+    main()
