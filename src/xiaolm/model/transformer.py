@@ -8,7 +8,8 @@ Choices, top to bottom:
   key/value heads shared by num_heads query heads), optional QK-norm, computed by
   `scaled_dot_product_attention` so the fused / flash kernels run where they exist;
 - a SwiGLU feed-forward, down(silu(gate(x)) * up(x)); each block builds its feed-forward through
-  `make_feed_forward`, the single place a Mixture-of-Experts layer can replace the dense one;
+  `make_feed_forward`, the single place a Mixture-of-Experts layer (model/moe.py) replaces the
+  dense one when the config has experts;
 - a final RMSNorm and an output projection tied to the embedding (configurable);
 - a preallocated KV cache for decoding (`KVCache`), filled in place.
 All initialisation lives in `init_weights`.
@@ -138,7 +139,12 @@ class FeedForward(nn.Module):
 
 
 def make_feed_forward(config: ModelConfig, layer: int) -> nn.Module:
-    """The feed-forward of block `layer`. A Mixture-of-Experts layer plugs in here."""
+    """The feed-forward of block `layer`: dense, or Mixture-of-Experts (model/moe.py) when the
+    config has experts and the block is past the first `first_k_dense`."""
+    if config.num_experts > 0 and layer >= config.first_k_dense:
+        from xiaolm.model.moe import MoEFeedForward  # moe.py builds its experts from FeedForward above
+
+        return MoEFeedForward(config)
     return FeedForward(config.hidden_size, config.intermediate_size)
 
 
@@ -227,6 +233,25 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """What the training loss adds for the latest training-mode forward: the MoE load-balancing
+        loss times its coefficient; None for a dense model, in eval mode, or with the loss off."""
+        from xiaolm.model.moe import total_aux_loss
+
+        return total_aux_loss(self, self.config.moe_aux_loss_coef)
+
+    def training_metrics(self, reduce) -> dict:
+        """Extra metrics logged by the training loop (MoE expert load and balance loss)."""
+        from xiaolm.model.moe import moe_metrics
+
+        return moe_metrics(self, reduce)
+
+    def after_optimizer_step(self, reduce) -> None:
+        """Called by the training loop after each optimizer update (MoE routing-bias balancing)."""
+        from xiaolm.model.moe import update_expert_biases
+
+        update_expert_biases(self, reduce)
 
     def allocate_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         param = self.embed_tokens.weight

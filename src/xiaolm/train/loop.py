@@ -17,7 +17,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from xiaolm.config import RESUMABLE_TRAIN_FIELDS, TrainConfig, diff_configs, save_json, to_dict
+from xiaolm.config import (
+    RESUMABLE_TRAIN_FIELDS,
+    ModelConfig,
+    TrainConfig,
+    diff_configs,
+    from_dict,
+    save_json,
+    to_dict,
+)
 from xiaolm.tokenizer.bpe import XiaoTokenizer
 from xiaolm.train import checkpoint as ckpt
 from xiaolm.train.distributed import (
@@ -49,6 +57,9 @@ class Stage:
     trainable: Callable[[nn.Module], Iterator[tuple[str, nn.Parameter]]] | None = None
     # recorded in the checkpoint and compared on resume (e.g. the data's identity)
     identity: dict[str, Any] = field(default_factory=dict)
+    # (all-reduce-sum function) -> train metrics the stage gathered since the last log step
+    # (e.g. DPO rewards); called on every rank at log steps
+    metrics: Callable[[Callable[[torch.Tensor], torch.Tensor]], dict[str, float]] | None = None
 
 
 class TrainingDiverged(RuntimeError):
@@ -117,6 +128,12 @@ def _all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return values
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model itself under the torch.compile and DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
+
+
 def train(
     model: nn.Module,
     stage: Stage,
@@ -165,6 +182,9 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     forward_model = torch.compile(model) if cfg.compile else model
+
+    def reduce(values: torch.Tensor) -> torch.Tensor:
+        return _all_reduce_sum(values, ctx)
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +238,9 @@ def train(
         elif finite:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # optional model hook for state that follows the weights (e.g. MoE routing biases)
+        if finite and hasattr(raw_model, "after_optimizer_step"):
+            raw_model.after_optimizer_step(reduce)
         tokens_seen += step_tokens * ctx.world_size
         window_tokens += step_tokens * ctx.world_size
         if finite:
@@ -240,12 +263,19 @@ def train(
         done = step + 1
         if progress is not None:
             progress.update(1)
-        if ctx.is_main and (done % cfg.log_every == 0 or done == end_step):
+        is_log_step = done % cfg.log_every == 0 or done == end_step
+        # optional model metrics (e.g. MoE expert load); every rank joins their all-reduce
+        extra = {}
+        if is_log_step and hasattr(raw_model, "training_metrics"):
+            extra = raw_model.training_metrics(reduce)
+        if is_log_step and stage.metrics is not None:
+            extra = {**extra, **stage.metrics(reduce)}
+        if ctx.is_main and is_log_step:
             elapsed = time.perf_counter() - window_start
             tok_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
             log.write({"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                        "tokens": tokens_seen, "tok_per_s": tok_per_s,
-                       "elapsed_s": time.perf_counter() - started})
+                       "elapsed_s": time.perf_counter() - started, **extra})
             if progress is not None:
                 progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_per_s:,.0f}", refresh=False)
             window_start, window_tokens = time.perf_counter(), 0
@@ -280,6 +310,8 @@ def train(
 def _restore(checkpoint: Path, model: nn.Module, optimizer, scaler, configs: dict[str, Any]) -> dict[str, Any]:
     """Load weights, optimizer and RNG state, refusing a checkpoint of a different run."""
     saved = ckpt.read_configs(checkpoint)
+    if "model" in saved:  # fields added since the checkpoint was written take their defaults
+        saved["model"] = to_dict(from_dict(ModelConfig, saved["model"]))
     problems = []
     for section in sorted(set(saved) | set(configs)):
         ignore = RESUMABLE_TRAIN_FIELDS if section == "train" else frozenset()

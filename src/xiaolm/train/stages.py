@@ -13,14 +13,24 @@ from torch import nn
 from xiaolm.config import TrainConfig
 from xiaolm.data.shards import PackedTokens
 from xiaolm.train.distributed import DistContext
-from xiaolm.train.loop import Batch, Stage
+from xiaolm.train.loop import Batch, Stage, unwrap_model
 
 
 def next_token_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy of each target token; targets of -100 carry no loss."""
+    """Mean cross-entropy of each target token; targets of -100 carry no loss. A model with an
+    auxiliary loss (MoE load balancing) adds it here, so every stage that trains through this
+    function gets it."""
     logits = model(batch["inputs"])  # (B, T, V)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100)
-    return loss, batch["inputs"].numel()
+    return add_aux_loss(model, loss), batch["inputs"].numel()
+
+
+def add_aux_loss(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """`loss` plus the model's auxiliary loss from its latest forward, if it has one. Stages whose
+    loss is not `next_token_loss` (DPO, distillation) call this after their training forward."""
+    inner = unwrap_model(model)
+    aux = inner.aux_loss() if hasattr(inner, "aux_loss") else None
+    return loss if aux is None else loss + aux
 
 
 def evaluate_packed(

@@ -1,0 +1,154 @@
+"""Multi-turn chat with a checkpoint: the chat template from the tokenizer, streamed replies, history
+trimmed to the context window (oldest turns first), and the `xiaolm chat` terminal loop, which also
+works with piped input (one user message a line).
+
+Commands: /clear (forget the history), /system TEXT (set the system prompt; empty clears it),
+/quit or /exit (leave; end of input does the same).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from xiaolm.inference.generate import SamplingConfig, TextStreamer, generate_tokens
+from xiaolm.model.transformer import Transformer
+from xiaolm.tokenizer.bpe import XiaoTokenizer, render_chat
+
+HELP = "commands: /clear  forget the conversation, /system TEXT  set the system prompt, /quit  leave"
+
+
+class ChatSession:
+    """One conversation with a model; `reply` streams the answer and records the turn."""
+
+    def __init__(self, model: Transformer, tokenizer: XiaoTokenizer, sampling: SamplingConfig,
+                 system: str | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.system = system
+        self.history: list[dict[str, str]] = []
+        self.num_dropped_turns = 0
+        self.last_stopped = False
+        """Whether the latest reply ended with the model's own end token (not the token limit)."""
+
+    def clear(self) -> None:
+        self.history = []
+
+    def reply_budget(self) -> int:
+        """Tokens kept free for the reply: max_new_tokens, but at most half the context, so a
+        large max_new_tokens does not leave room for no history at all."""
+        return max(1, min(self.sampling.max_new_tokens, self.model.config.max_seq_len // 2))
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """The rendered conversation plus the new message and the assistant header, after dropping
+        the oldest (user, assistant) turns until it fits the context with room for the reply."""
+        limit = self.model.config.max_seq_len - self.reply_budget()
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        user = [{"role": "user", "content": user_text}]
+        while True:
+            ids = self.tokenizer.encode(render_chat(system + self.history + user, add_generation_prompt=True))
+            if len(ids) <= limit or not self.history:
+                break
+            self.history = self.history[2:]  # the oldest user message and its answer
+            self.num_dropped_turns += 1
+        if len(ids) >= self.model.config.max_seq_len:
+            raise ValueError(f"the message is {len(ids)} tokens with the template; the model's context is "
+                             f"{self.model.config.max_seq_len}")
+        return ids
+
+    def reply(self, user_text: str) -> Iterator[str]:
+        """Stream the assistant's answer; the turn joins the history once it is complete."""
+        prompt = self.prompt_ids(user_text)
+        stop_ids = (self.tokenizer.im_end_id, self.tokenizer.eos_id)
+        streamer = TextStreamer(self.tokenizer.token_bytes(), skip_ids=self.tokenizer.special_ids)
+        pieces: list[str] = []
+        self.last_stopped = False
+        with torch.inference_mode():
+            for next_ids in generate_tokens(self.model, prompt, self.sampling, stop_ids=stop_ids):
+                token = int(next_ids[0])
+                if token in stop_ids:
+                    self.last_stopped = True
+                    break
+                piece = streamer.push(token)
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+        tail = streamer.flush()
+        if tail:
+            pieces.append(tail)
+            yield tail
+        self.history += [{"role": "user", "content": user_text},
+                         {"role": "assistant", "content": "".join(pieces) or " "}]
+
+
+def _lines(stream: TextIO, interactive: bool, out: TextIO) -> Iterator[str]:
+    if not interactive:
+        yield from stream
+        return
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            yield input("you> ")
+        except EOFError:
+            out.write("\n")
+            return
+
+
+def run_chat(checkpoint: str | Path, sampling: SamplingConfig, *, system: str | None = None, device: str = "auto",
+             stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """The `xiaolm chat` loop. Interactive on a terminal; with piped input each line is one user
+    message and the transcript (user and assistant lines) goes to stdout."""
+    from xiaolm.train.distributed import resolve_device
+    from xiaolm.train.lora import load_any_model
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    model, tokenizer, _ = load_any_model(checkpoint, resolve_device(device))
+    model.eval()
+    session = ChatSession(model, tokenizer, sampling, system)
+    interactive = stdin.isatty()
+    if interactive:
+        stdout.write(f"xiaolm chat with {checkpoint} ({HELP})\n")
+    for line in _lines(stdin, interactive, stdout):
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/clear":
+            session.clear()
+            stdout.write("(history cleared)\n")
+            continue
+        if text == "/system" or text.startswith("/system "):
+            session.system = text[len("/system"):].strip() or None
+            session.clear()
+            stdout.write(f"(system prompt {'set' if session.system else 'cleared'}; history cleared)\n")
+            continue
+        if text.startswith("/"):
+            stdout.write(f"(unknown command {text.split()[0]}; {HELP})\n")
+            continue
+        if not interactive:
+            stdout.write(f"you> {text}\n")
+        stdout.write("assistant> ")
+        stdout.flush()
+        dropped = session.num_dropped_turns
+        try:
+            for piece in session.reply(text):
+                stdout.write(piece)
+                stdout.flush()
+        except ValueError as error:  # a message longer than the context: say so, keep chatting
+            stdout.write(f"(error: {error})")
+        except KeyboardInterrupt:
+            stdout.write(" (interrupted)")
+        stdout.write("\n")
+        if session.num_dropped_turns > dropped:
+            stdout.write(f"(dropped {session.num_dropped_turns - dropped} oldest turn(s) to fit the context)\n")
+        stdout.flush()
+    return 0

@@ -1,0 +1,43 @@
+"""`xiaolm chat`: piped multi-turn input with commands, history trimming to the context window."""
+
+import subprocess
+import sys
+
+from xiaolm.inference.chat import ChatSession
+from xiaolm.inference.generate import SamplingConfig
+from xiaolm.model.transformer import Transformer
+from xiaolm.train.align import run_sft
+
+from chat_helpers import SFT_TRAIN, make_checkpoint
+from conftest import ROOT, tiny_model_config, tiny_train_config
+
+
+def test_history_is_trimmed_oldest_turn_first(tokenizer):
+    model = Transformer(tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=128)).eval()
+    session = ChatSession(model, tokenizer, SamplingConfig(max_new_tokens=16), system="sys")
+    for i in range(6):
+        session.history += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i} " * 3}]
+    ids = session.prompt_ids("new question")
+    assert len(ids) <= 128 - 16 and 0 < session.num_dropped_turns < 6
+    assert session.history[-1]["content"] == "a5 " * 3  # the newest turns stay
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nsys") and text.endswith("new question<|im_end|>\n<|im_start|>assistant\n")
+    pieces = list(session.reply("new question"))
+    assert session.history[-2] == {"role": "user", "content": "new question"}
+    assert session.history[-1]["content"] == ("".join(pieces) or " ")
+
+
+def test_chat_command_with_piped_input(tmp_path, tokenizer):
+    start = make_checkpoint(tmp_path / "start", tokenizer)
+    run_sft(start, [SFT_TRAIN], tiny_train_config(tmp_path / "sft", seq_len=64, max_steps=2, eval_every=0))
+    lines = "你好\nWho are you?\n/clear\n/system Answer briefly.\n1+1=?\n/bogus\n/quit\nnever read\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "xiaolm.cli", "chat", "--ckpt", str(tmp_path / "sft"), "--max-new-tokens", "8",
+         "--temperature", "0", "--device", "cpu"],
+        input=lines, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("assistant> ") == 3 and "you> 你好\n" in out and "you> 1+1=?" in out
+    assert "(history cleared)" in out and "(system prompt set; history cleared)" in out
+    assert "unknown command /bogus" in out and "never read" not in out
