@@ -75,3 +75,25 @@ def test_lora_dpo(tmp_path, tokenizer):
     assert (result.checkpoint / "adapter_model.safetensors").is_file()
     metrics = [json.loads(line) for line in open(tmp_path / "dpo" / "metrics.jsonl")]
     assert abs(metrics[0]["loss"] - 0.6931) < 1e-3 and "reward_margin" in metrics[-1]
+
+
+def test_lora_on_a_moe_model(tokenizer):
+    # experts are plain SwiGLU modules: the default pattern puts adapters on them too, the router
+    # stays frozen, the balance loss still reaches the loss, and merging keeps the output
+    config = tiny_model_config(vocab_size=tokenizer.vocab_size, num_experts=4, num_experts_per_token=2)
+    model = Transformer(config)
+    peft_model = apply_lora(model, LoraSettings(rank=4, alpha=8))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".experts." in n for n in trained) and not any("router" in n for n in trained)
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 16))
+    peft_model.train()
+    peft_model(ids)
+    assert model.aux_loss() is not None and torch.isfinite(model.aux_loss())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+        peft_model.eval()
+        adapted = peft_model(ids)
+        merged = merge_lora(peft_model)
+        torch.testing.assert_close(merged(ids), adapted, atol=1e-5, rtol=1e-5)
