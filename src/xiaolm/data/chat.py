@@ -105,8 +105,11 @@ def _content(value: Any, where: str) -> str:
     return value
 
 
-def _role_messages(items: Any, key: str) -> list[Message]:
-    """{"role", "content"} items (minimind, OpenAI)."""
+def _parse_messages(
+    items: Any, key: str, role_key: str, content_key: str, roles: dict[str, str]
+) -> list[Message]:
+    """A list of turns as messages: `role_key` names the speaker (mapped through `roles`),
+    `content_key` the text. One parser for every format, so every format gets the same checks."""
     if not isinstance(items, list) or not items:
         raise ValueError(f"field {key!r} must be a non-empty list of messages")
     messages = []
@@ -114,32 +117,24 @@ def _role_messages(items: Any, key: str) -> list[Message]:
         where = f"{key}[{i}]"
         if not isinstance(item, dict):
             raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
-        if "role" not in item:
-            raise ValueError(f"{where}: 'role' is missing (keys: {sorted(item)})")
-        if item["role"] not in ROLES:
-            raise ValueError(f"{where}: role {item['role']!r} is not one of {list(ROLES)}")
-        if "content" not in item:
-            raise ValueError(f"{where}: 'content' is missing")
-        messages.append({"role": item["role"], "content": _content(item["content"], where)})
+        if role_key not in item:
+            raise ValueError(f"{where}: {role_key!r} is missing (keys: {sorted(item)})")
+        if item[role_key] not in roles:
+            raise ValueError(f"{where}: role {item[role_key]!r} is not one of {sorted(roles)}")
+        if content_key not in item:
+            raise ValueError(f"{where}: {content_key!r} is missing")
+        messages.append({"role": roles[item[role_key]], "content": _content(item[content_key], where)})
     return messages
+
+
+def _role_messages(items: Any, key: str) -> list[Message]:
+    """{"role", "content"} items (minimind, OpenAI)."""
+    return _parse_messages(items, key, "role", "content", {role: role for role in ROLES})
 
 
 def _sharegpt_messages(items: Any, key: str) -> list[Message]:
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"field {key!r} must be a non-empty list of turns")
-    messages = []
-    for i, item in enumerate(items):
-        where = f"{key}[{i}]"
-        if not isinstance(item, dict):
-            raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
-        if "from" not in item:
-            raise ValueError(f"{where}: 'from' is missing (keys: {sorted(item)})")
-        if item["from"] not in _SHAREGPT_ROLES:
-            raise ValueError(f"{where}: role {item['from']!r} is not supported (use one of {sorted(_SHAREGPT_ROLES)})")
-        if "value" not in item:
-            raise ValueError(f"{where}: 'value' is missing")
-        messages.append({"role": _SHAREGPT_ROLES[item["from"]], "content": _content(item["value"], where)})
-    return messages
+    """{"from", "value"} items (ShareGPT)."""
+    return _parse_messages(items, key, "from", "value", _SHAREGPT_ROLES)
 
 
 def _detect(record: dict) -> str:
