@@ -28,6 +28,7 @@ speedrun: install
 	$(BIN)/xiaolm speedrun $(ARGS)
 
 test: install-dev
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 
 lint: install-dev

@@ -269,3 +269,23 @@ def test_checkpoint_from_before_moe_still_resumes(tmp_path, tokenizer, shards):
     result = pretrain(tiny_model_config(), tiny_train_config(run, max_steps=4, save_every=2, resume=True),
                       tokenizer, *shards)
     assert result.checkpoint.name == "step_000004"
+
+
+def test_sft_and_dpo_train_a_moe_model_with_its_balance_loss(tmp_path, tokenizer):
+    import json
+
+    from chat_helpers import DPO_TRAIN, SFT_TRAIN, make_checkpoint
+    from conftest import tiny_train_config
+    from xiaolm.train.align import run_dpo, run_sft
+
+    start = make_checkpoint(tmp_path / "start", tokenizer, num_experts=4, num_experts_per_token=2)
+    sft = tiny_train_config(tmp_path / "sft", seq_len=64, max_steps=3, eval_every=0, save_every=3)
+    run_sft(start, [SFT_TRAIN], sft, val_fraction=0)
+    dpo = tiny_train_config(tmp_path / "dpo", seq_len=64, max_steps=2, eval_every=0, save_every=2, lr=1e-4)
+    run_dpo(tmp_path / "sft", [DPO_TRAIN], dpo, val_fraction=0)
+    for run in ("sft", "dpo"):
+        records = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+        logged = [r for r in records if "expert_load" in r]
+        # fractions are logged rounded to 5 decimals
+        assert logged and all(abs(sum(layer) - 1) < 1e-4 for r in logged for layer in r["expert_load"])
+        assert all(r["aux_loss"] >= 1.0 - 1e-6 for r in logged)

@@ -131,7 +131,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # minimind2-small's shape: about 26M parameters
     "minimind2-small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, max_seq_len=512),
     # minimind-3's shape: hidden 768, 8 layers, 8 heads, 4 KV heads
-    "minimind-3": dict(hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, max_seq_len=512),
+    "minimind-3": dict(hidden_size=768, num_layers=8, num_heads=8, num_kv_heads=4, max_seq_len=512,
+                       intermediate_size=2432),  # minimind's width (ceil(pi * 768 / 64) * 64): 63.9M
     # tiny with 4 experts, top-1: the shape of minimind-3-moe at CPU scale
     "tiny-moe": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=256,
                      num_experts=4, num_experts_per_token=1),
