@@ -159,6 +159,8 @@ def test_speedrun_on_the_sample(tmp_path):
     ppl = json.loads((out / "evals" / "ppl_val.json").read_text())
     assert ppl["bpb"] == pytest.approx(summary_bpb(out), rel=1e-4)
     assert (out / "report.html").is_file()
+    # the pretraining curves are in the top-level card; each chat stage's folder keeps its own
+    assert all((out / stage / "report.md").is_file() for stage in ("sft", "dpo"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pretrain"]["steps"] == 10 and len(summary["samples"]) >= 5
     assert set(summary["timings_s"]) == {"corpus", "tokenizer", "tokenize", "pretrain", "samples", "evals",

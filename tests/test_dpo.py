@@ -66,3 +66,4 @@ def test_dpo_command_with_precomputed_reference(tmp_path, tokenizer, capsys):
     assert abs(metrics[0]["loss"] - math.log(2)) < 1e-4  # policy == reference at step 0
     assert {"reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"} <= set(metrics[0])
     assert "val_reward_accuracy" in metrics[-1]
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()

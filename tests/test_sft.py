@@ -64,3 +64,4 @@ def test_sft_command(tmp_path, tokenizer, capsys):
     printed = capsys.readouterr().out
     assert "seq_len 256 -> 64" in printed and "supervised" in printed and "val_loss" in printed
     assert (out / "checkpoints" / "step_000003" / "model.safetensors").is_file()
+    assert "report card:" in printed and "## Training" in (out / "report.md").read_text()

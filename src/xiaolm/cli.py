@@ -420,13 +420,21 @@ def _alignment_train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_preset(args.preset, **config_overrides(args, TrainConfig))
 
 
+def _finish_alignment_run(result, args: argparse.Namespace) -> None:
+    """Summary line and the run's report card, as every training command leaves."""
+    from xiaolm.eval.report import render_report
+
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s; {result.last_eval}; checkpoint {result.checkpoint}")
+    print(f"report card: {render_report(_alignment_train_config(args).out_dir)}")
+
+
 def cmd_sft(args: argparse.Namespace) -> int:
     from xiaolm.train.align import run_sft
 
     result = run_sft(args.from_ckpt, args.data, _alignment_train_config(args), val_data=args.val_data,
                      fmt=args.chat_format, pack=args.pack, val_fraction=args.val_fraction, skip_bad=args.skip_bad,
                      lora=_lora_settings(args))
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s; {result.last_eval}; checkpoint {result.checkpoint}")
+    _finish_alignment_run(result, args)
     return 0
 
 
@@ -436,7 +444,7 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     result = run_dpo(args.from_ckpt, args.data, _alignment_train_config(args), val_data=args.val_data,
                      beta=args.beta, reference_checkpoint=args.ref, precompute_reference=args.precompute_ref,
                      val_fraction=args.val_fraction, skip_bad=args.skip_bad, lora=_lora_settings(args))
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s; {result.last_eval}; checkpoint {result.checkpoint}")
+    _finish_alignment_run(result, args)
     return 0
 
 
@@ -448,7 +456,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                          student_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})),
                          temperature=args.temperature, alpha=args.alpha, val_fraction=args.val_fraction,
                          skip_bad=args.skip_bad, lora=_lora_settings(args))
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s; {result.last_eval}; checkpoint {result.checkpoint}")
+    _finish_alignment_run(result, args)
     return 0
 
 

@@ -169,6 +169,7 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
     started = stage("sft")
     cfg = TrainConfig.from_preset("sft", **{"out_dir": str(out / "sft"), "resume": True, "max_steps": sft_steps, **keep})
     result = run_sft(out / "pretrain", [chat_dir / "sft" / "train.jsonl"], cfg, val_data=[chat_dir / "sft" / "val.jsonl"])
+    render_report(out / "sft")  # each stage's folder keeps its own curves
     summary["sft"] = {"steps": result.steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
                       **result.last_eval}
     stages.append(("sft", out / "sft"))
@@ -178,6 +179,7 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
         cfg = TrainConfig.from_preset("dpo", **{"out_dir": str(out / "dpo"), "resume": True, "max_steps": dpo_steps,
                                                 **keep})
         result = run_dpo(out / "sft", [chat_dir / "dpo" / "train.jsonl"], cfg, val_data=[chat_dir / "dpo" / "val.jsonl"])
+        render_report(out / "dpo")
         summary["dpo"] = {"steps": result.steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
                           **result.last_eval}
         stages.append(("dpo", out / "dpo"))
