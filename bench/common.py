@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from xiaolm.config import ModelConfig
 from xiaolm.model.transformer import Transformer
+from xiaolm.train.stages import add_aux_loss
 
 
 def build_hf_llama(config: ModelConfig, source: Transformer | None = None):
@@ -89,7 +90,7 @@ def copy_weights_to_hf(source: Transformer, target) -> None:
 
 def make_train_step(forward, model, optimizer, batches, precision: str) -> Callable[[], float]:
     """A closure running one training step (forward, cross-entropy with targets of -100 ignored,
-    backward, clip to norm 1, optimizer step) on the next batch of `batches` (cycled); it
+    plus an MoE model's balance loss, backward, clip to norm 1, optimizer step) on the next batch of `batches` (cycled); it
     returns the loss. `forward(model, inputs)` gives logits (B, T, V)."""
     params = [p for p in model.parameters() if p.requires_grad]
     state = {"index": 0}
@@ -105,6 +106,7 @@ def make_train_step(forward, model, optimizer, batches, precision: str) -> Calla
         with autocast():
             logits = forward(model, inputs)  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = add_aux_loss(model, loss)  # an MoE model's balance loss, as training adds it
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

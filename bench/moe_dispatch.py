@@ -1,6 +1,6 @@
 """Training tokens/s of MoE dispatch: xiaolm's sort-and-group against minimind's loop over experts.
 
-One step = forward + cross-entropy + load-balancing loss (`next_token_loss`, what the training
+One step = forward + cross-entropy + load-balancing loss (`add_aux_loss`, what the training
 loop runs) + backward + gradient clipping + AdamW step. The two MoE models are copies of one
 model (same weights, same routing), differing only in the dispatch function of their MoE layers:
 - grouped: `xiaolm.model.moe.grouped_dispatch` (sort the assignments by expert once, one
@@ -23,12 +23,11 @@ import copy
 
 import torch
 
-from common import interleaved_times, markdown_table, median, print_report, spread
+from common import interleaved_times, make_train_step, markdown_table, median, print_report, spread
 from xiaolm.config import ModelConfig, TrainConfig
 from xiaolm.model.moe import loop_dispatch, moe_layers, num_active_parameters
 from xiaolm.model.transformer import Transformer
 from xiaolm.train.optim import build_optimizer
-from xiaolm.train.stages import next_token_loss
 
 
 def parse_experts(text: str) -> tuple[int, int]:
@@ -41,20 +40,7 @@ def parse_experts(text: str) -> tuple[int, int]:
 
 def make_step(model, batches):
     optimizer = build_optimizer(model.named_parameters(), TrainConfig(lr=1e-4), "cpu")
-    params = [p for p in model.parameters() if p.requires_grad]
-    state = {"index": 0}
-
-    def step() -> float:
-        inputs, targets = batches[state["index"] % len(batches)]
-        state["index"] += 1
-        loss, _ = next_token_loss(model, {"inputs": inputs, "targets": targets})
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    return make_train_step(lambda m, x: m(x), model, optimizer, batches, "fp32")
 
 
 def make_layer_step(layer, x):

@@ -37,6 +37,17 @@ def tokenizer_dir(tmp_path_factory, tokenizer):
     return directory
 
 
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, tokenizer):
+    """Train and val token shards of the sample, for training tests."""
+    from xiaolm.data.shards import write_shards
+
+    root = tmp_path_factory.mktemp("data")
+    write_shards(sample_texts("train", limit=300), tokenizer, root / "train", source_key="train")
+    write_shards(sample_texts("val", limit=50), tokenizer, root / "val", source_key="val")
+    return root / "train", root / "val"
+
+
 def tiny_model_config(**overrides) -> ModelConfig:
     base = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
     return ModelConfig(**{**base, **overrides})

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from xiaolm.config import ModelConfig
-from xiaolm.data.shards import write_shards
 from xiaolm.inference.generate import SamplingConfig, generate_tokens
 from xiaolm.model.moe import (
     MoEFeedForward,
@@ -192,14 +191,6 @@ def test_moe_preset_sizes():
     assert total > 2.5 * active
     total, active = preset_counts("tiny-moe")
     assert active == preset_counts("tiny")[0] + 4 * 4 * 256  # plus the routers
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("moe-data")
-    write_shards(sample_texts("train", limit=200), tokenizer, root / "train", source_key="train")
-    write_shards(sample_texts("val", limit=30), tokenizer, root / "val", source_key="val")
-    return root / "train", root / "val"
 
 
 def records(run_dir):

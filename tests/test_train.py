@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from xiaolm.data.shards import PackedTokens, write_shards
+from xiaolm.data.shards import PackedTokens
 from xiaolm.model.transformer import Transformer
 from xiaolm.train import checkpoint as ckpt
 from xiaolm.train.distributed import cpu_has_native_bf16
@@ -13,15 +13,7 @@ from xiaolm.train.loop import TrainingDiverged, train
 from xiaolm.train.pretrain import pretrain, token_num_bytes
 from xiaolm.train.stages import pretrain_stage
 
-from conftest import sample_texts, tiny_model_config, tiny_train_config
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("data")
-    write_shards(sample_texts("train", limit=300), tokenizer, root / "train", source_key="train")
-    write_shards(sample_texts("val", limit=50), tokenizer, root / "val", source_key="val")
-    return root / "train", root / "val"
+from conftest import tiny_model_config, tiny_train_config
 
 
 def losses(run_dir):

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from xiaolm.data.readers import BadRecordError, ReadStats
+from xiaolm.data.readers import BadRecordError, ReadStats, keep_good_records
 from xiaolm.tokenizer.bpe import IM_END, XiaoTokenizer, render_chat
 
 Message = dict[str, str]
@@ -256,21 +256,20 @@ def parse_preference(record: Any) -> PreferencePair:
 
 
 def _read(paths, parse, skip_bad: bool, stats: ReadStats | None) -> Iterator[Any]:
-    stats = stats if stats is not None else ReadStats()
     for path in _list_files(paths):
-        for line_no, record in iter_json_records(path):
-            if not isinstance(record, BadRecordError):
-                try:
-                    record = parse(record)
-                except ValueError as err:
-                    record = BadRecordError(path, line_no, str(err))
-            if isinstance(record, BadRecordError):
-                if not skip_bad:
-                    raise record
-                stats.record_bad(record)
-                continue
-            stats.num_documents += 1
-            yield record
+        yield from keep_good_records(_parsed_records(path, parse), skip_bad, stats)
+
+
+def _parsed_records(path: Path, parse) -> Iterator[Any]:
+    """`parse` applied to each JSON record of `path`; a record it rejects becomes a
+    BadRecordError with the file and line."""
+    for line_no, record in iter_json_records(path):
+        if not isinstance(record, BadRecordError):
+            try:
+                record = parse(record)
+            except ValueError as err:
+                record = BadRecordError(path, line_no, str(err))
+        yield record
 
 
 def read_conversations(paths: Sequence[str | Path], fmt: str = "auto", *, skip_bad: bool = False,

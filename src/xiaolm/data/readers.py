@@ -29,9 +29,9 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
-__all__ = ["SUPPORTED_EXTENSIONS", "BadRecordError", "ReadStats", "iter_documents", "list_data_files"]
+__all__ = ["SUPPORTED_EXTENSIONS", "BadRecordError", "ReadStats", "iter_documents", "keep_good_records", "list_data_files"]
 
 SUPPORTED_EXTENSIONS = (
     ".jsonl",
@@ -47,6 +47,8 @@ SUPPORTED_EXTENSIONS = (
 
 # xiaolm writes a manifest.json next to every corpus it builds; it describes the
 # corpus and is not part of it, so folder recursion leaves it out.
+T = TypeVar("T")
+
 _METADATA_FILE_NAMES = frozenset({"manifest.json"})
 
 
@@ -141,17 +143,25 @@ def iter_documents(
     before the first document is yielded, so a typo fails fast.
     """
     files = list_data_files(paths)
-    if stats is None:
-        stats = ReadStats()
     for path in files:
-        for item in _iter_file(path, text_field):
-            if isinstance(item, BadRecordError):
-                if not skip_bad:
-                    raise item
-                stats.record_bad(item)
-                continue
-            stats.num_documents += 1
-            yield item
+        yield from keep_good_records(_iter_file(path, text_field), skip_bad, stats)
+
+
+def keep_good_records(
+    items: Iterable[T | BadRecordError], skip_bad: bool, stats: ReadStats | None = None
+) -> Iterator[T]:
+    """Pass records through; raise the first :class:`BadRecordError`, or with ``skip_bad``
+    count it in ``stats`` and go on. Every reader (text, chat, preferences) judges bad
+    records here, so they all behave alike."""
+    stats = stats if stats is not None else ReadStats()
+    for item in items:
+        if isinstance(item, BadRecordError):
+            if not skip_bad:
+                raise item
+            stats.record_bad(item)
+            continue
+        stats.num_documents += 1
+        yield item
 
 
 def _iter_file(path: Path, text_field: str) -> Iterator[str | BadRecordError]:
