@@ -41,7 +41,6 @@ from xiaolm.data.chat import (
     PreferencePair,
     SftData,
     build_sft_data,
-    document_mask,
     read_conversations,
     read_preferences,
     split_held_out,
@@ -52,7 +51,7 @@ from xiaolm.model.transformer import Transformer
 from xiaolm.tokenizer.bpe import XiaoTokenizer
 from xiaolm.train.distributed import DistContext
 from xiaolm.train.loop import Batch, Stage, TrainResult, train
-from xiaolm.train.stages import add_aux_loss
+from xiaolm.train.stages import add_aux_loss, masked_forward, next_token_loss
 
 # --------------------------------------------------------------------------- SFT
 
@@ -82,19 +81,6 @@ def sft_batch(data: SftData, rows: torch.Tensor, packed: bool) -> Batch:
     if packed:
         batch["doc_ids"] = data.doc_ids[rows]
     return _trim_padding(batch, data.doc_ids[rows])
-
-
-def masked_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits (B, T, V); packed rows get the document mask so conversations stay apart."""
-    mask = document_mask(batch["doc_ids"]) if "doc_ids" in batch else None
-    return model(batch["inputs"], attn_mask=mask)
-
-
-def sft_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the supervised (assistant) tokens of the micro-batch."""
-    logits = masked_forward(model, batch)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
-    return add_aux_loss(model, loss), batch["inputs"].numel()
 
 
 def _data_key(*tensors: torch.Tensor) -> str:
@@ -146,7 +132,7 @@ def sft_stage(train_data: SftData, val_data: SftData | None, cfg: TrainConfig, *
     evaluate = evaluate_sft(val_data, cfg.batch_size, cfg.eval_batches, packed) if val_data is not None else None
     identity = {"train_rows": train_data.num_rows, "train_data_key": _data_key(train_data.inputs, train_data.targets),
                 "packed": packed, **(identity or {})}
-    return Stage(name="sft", train_batch=train_batch, compute_loss=sft_loss, evaluate=evaluate,
+    return Stage(name="sft", train_batch=train_batch, compute_loss=next_token_loss, evaluate=evaluate,
                  trainable=trainable, identity=identity)
 
 

@@ -11,18 +11,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from xiaolm.config import TrainConfig
+from xiaolm.data.chat import document_mask
 from xiaolm.data.shards import PackedTokens
 from xiaolm.train.distributed import DistContext
 from xiaolm.train.loop import Batch, Stage, unwrap_model
 
 
 def next_token_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy of each target token; targets of -100 carry no loss. A model with an
+    """Mean cross-entropy of each target token; targets of -100 carry no loss (SFT: everything but
+    the assistant tokens). A model with an
     auxiliary loss (MoE load balancing) adds it here, so every stage that trains through this
     function gets it."""
-    logits = model(batch["inputs"])  # (B, T, V)
+    logits = masked_forward(model, batch)  # (B, T, V)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100)
     return add_aux_loss(model, loss), batch["inputs"].numel()
+
+
+def masked_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Logits (B, T, V). A batch that carries `doc_ids` (packed SFT rows) gets the
+    block-diagonal causal mask, so packed conversations never attend to each other."""
+    mask = document_mask(batch["doc_ids"]) if "doc_ids" in batch else None
+    return model(batch["inputs"], attn_mask=mask)
 
 
 def add_aux_loss(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
