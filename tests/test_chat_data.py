@@ -114,6 +114,32 @@ def test_truncation_drops_samples_without_targets_and_counts_them(tokenizer):
         build_sft_data([long_user], tokenizer, seq_len=48)
 
 
+def test_truncation_keeps_whole_replies_or_cuts_tokens(tokenizer):
+    long_reply = "很长的回答" * 40
+    two_turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                 {"role": "user", "content": "more"}, {"role": "assistant", "content": long_reply}]
+    one_long = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": long_reply}]
+    turns = build_sft_data([two_turns, one_long], tokenizer, seq_len=48, pack=False)
+    # "turns": the first exchange survives whole, ending with its supervised <|im_end|>; the lone
+    # long reply has no whole reply within 48 tokens and is dropped, counted
+    assert turns.num_rows == 1 and turns.stats.num_truncated == 2 and turns.stats.num_dropped == 1
+    supervised = turns.targets[0][turns.targets[0] != IGNORE_INDEX].tolist()
+    assert tokenizer.decode(supervised) == "ok" + IM_END
+    used = int((turns.doc_ids[0] >= 0).sum())
+    assert tokenizer.decode(turns.inputs[0, :used].tolist() + [turns.targets[0, used - 1].item()]) == \
+        render_chat(two_turns[:2]).rstrip("\n")
+    # "tokens": both cut at 49 tokens, mid-reply, with no end token on the long replies
+    tokens = build_sft_data([two_turns, one_long], tokenizer, seq_len=48, pack=False, truncate="tokens")
+    assert tokens.num_rows == 2 and tokens.stats.num_dropped == 0, tokens.stats
+    counts = sorted(int((row != IGNORE_INDEX).sum()) for row in tokens.targets)
+    assert counts[0] > len(tokenizer.encode("ok")) + 1 and counts[1] > 20  # both keep part of the long reply
+    assert (tokens.targets == tokenizer.im_end_id).sum() == 1  # only "ok"'s end survives
+    with pytest.raises(ValueError, match="--truncate tokens"):
+        build_sft_data([one_long], tokenizer, seq_len=48)
+    with pytest.raises(ValueError, match="truncate='middle'"):
+        build_sft_data([one_long], tokenizer, seq_len=48, truncate="middle")
+
+
 def test_packing_keeps_conversations_apart(tokenizer):
     conversations = read_conversations([CHAT / "sft" / "train.jsonl"])[:30]
     packed = build_sft_data(conversations, tokenizer, seq_len=256, pack=True)

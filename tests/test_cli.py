@@ -144,11 +144,16 @@ def summary_bpb(out):
     return json.loads((out / "summary.json").read_text())["pretrain"]["val_bpb"]
 
 
+# room for whole replies of the sample's chat sets: SFT and DPO keep only replies that fit
+SPEEDRUN_ARGS = ["--vocab-size", "600", *TINY, "--max-seq-len", "160", "--max-steps", "10", "--sft-steps", "2",
+                 "--dpo-steps", "2"]
+
+
 def test_speedrun_on_the_sample(tmp_path):
     out = tmp_path / "speedrun"
     result = subprocess.run(
         [sys.executable, "-m", "xiaolm.cli", "speedrun", "--corpus", str(SAMPLE), "--out", str(out),
-         "--vocab-size", "600", *TINY, "--max-steps", "10", "--sft-steps", "2", "--dpo-steps", "2"],
+         *SPEEDRUN_ARGS],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -166,14 +171,18 @@ def test_speedrun_on_the_sample(tmp_path):
     assert set(summary["timings_s"]) == {"corpus", "tokenizer", "tokenize", "pretrain", "samples", "evals",
                                          "chat data", "sft", "dpo", "chat samples"}
     # then SFT and DPO on the committed chat sample, and answers before and after each
-    assert summary["sft"]["steps"] == 2 and summary["dpo"]["steps"] == 2 and "val_reward_accuracy" in summary["dpo"]
-    assert [len(summary["chat"][name]) for name in ("pretrain", "sft", "dpo")] == [6, 6, 6]
-    assert "## Chat" in report and "**dpo** (stopped" in report
+    assert summary["sft"]["steps"] == 2 and summary["dpo"]["steps"] == 2
+    dpo_metrics = [json.loads(line) for line in open(out / "dpo" / "metrics.jsonl")]
+    assert "reward_accuracy" in dpo_metrics[-1]  # (the sample's 2 held-out pairs are too long for this model)
+    assert [len(summary["chat"]["answers"][name]) for name in ("pretrain", "sft", "dpo")] == [6, 6, 6]
+    held_out = summary["chat"]["held_out"]  # the committed sample's 8 held-out SFT conversations
+    assert set(held_out) == {"sft", "dpo"} and all(h["asked"] == 8 and 0 <= h["stopped"] <= 8 for h in held_out.values())
+    assert "## Chat" in report and re.search(r"\*\*dpo\*\* \(stopped \d/6; held out: stopped \d/8\)", report)
     # running it again resumes: nothing is retrained, the report is rewritten
     shutil.rmtree(out / "samples", ignore_errors=True)
     again = subprocess.run(
         [sys.executable, "-m", "xiaolm.cli", "speedrun", "--corpus", str(SAMPLE), "--out", str(out),
-         "--vocab-size", "600", *TINY, "--max-steps", "10", "--sft-steps", "2", "--dpo-steps", "2"],
+         *SPEEDRUN_ARGS],
         capture_output=True, text=True, timeout=600,
     )
     assert again.returncode == 0, again.stderr[-3000:]

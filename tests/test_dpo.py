@@ -37,6 +37,16 @@ def test_reply_mask_and_reference_logps(tokenizer):
     torch.testing.assert_close(precomputed[0], live)  # (chosen, rejected)
 
 
+def test_long_replies_are_kept_whole_or_cut(tokenizer):
+    long_pair = PreferencePair([{"role": "user", "content": "讲个故事"}], chosen="从前有座山。" * 30, rejected="不讲")
+    kept = build_preference_data([PAIR, long_pair], tokenizer, max_len=64)  # "turns": whole replies only
+    assert kept.num_pairs == 1 and kept.num_dropped == 1
+    assert all(reply[-1] == tokenizer.im_end_id for reply in kept.examples[0][1:])
+    cut = build_preference_data([PAIR, long_pair], tokenizer, max_len=64, truncate="tokens")
+    assert cut.num_pairs == 2 and cut.examples[1][1][-1] != tokenizer.im_end_id
+    assert all(len(prompt) + len(reply) <= 65 for prompt, *replies in cut.examples for reply in replies)
+
+
 def test_loss_starts_at_log2_and_steps_raise_the_margin(tmp_path, tokenizer):
     model = Transformer(tiny_model_config(vocab_size=tokenizer.vocab_size))
     data = build_preference_data([PAIR], tokenizer, max_len=64)
@@ -60,7 +70,8 @@ def test_dpo_command_with_precomputed_reference(tmp_path, tokenizer, capsys):
     out = tmp_path / "dpo"
     assert main(["dpo", "--from", str(start), "--data", str(DPO_TRAIN), "--val-data", str(DPO_VAL),
                  "--out-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--eval-every", "2",
-                 "--eval-batches", "1", "--log-every", "1", "--no-progress", "--device", "cpu"]) == 0
+                 "--eval-batches", "1", "--log-every", "1", "--no-progress", "--device", "cpu",
+                 "--truncate", "tokens"]) == 0  # the sample's replies run past this model's 64 tokens
     assert "preference pairs" in capsys.readouterr().out
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert abs(metrics[0]["loss"] - math.log(2)) < 1e-4  # policy == reference at step 0

@@ -35,22 +35,26 @@ def test_packed_conversations_get_the_logits_they_get_alone(tokenizer):
         assert not torch.allclose(leaky[last], together[last], atol=1e-4)
 
 
+# The sample's replies mostly run past this test model's 64 tokens: cut them (truncate="tokens")
+# rather than keep only the few that fit whole (the default; tests/test_chat_data.py).
+
+
 def test_sft_trains_validates_and_resumes_exactly(tmp_path, tokenizer):
     start = make_checkpoint(tmp_path / "start", tokenizer)
     cfg = tiny_train_config(tmp_path / "a", seq_len=64, max_steps=4, save_every=2, eval_every=4, eval_batches=1,
                             lr=3e-3)
-    result = run_sft(start, [SFT_TRAIN], cfg, val_data=[SFT_VAL])
+    result = run_sft(start, [SFT_TRAIN], cfg, val_data=[SFT_VAL], truncate="tokens")
     metrics = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses[-1] < losses[0] and "val_loss" in result.last_eval
     model, _, configs = load_model(tmp_path / "a")  # an SFT checkpoint is a plain checkpoint
-    assert configs["stage"]["name"] == "sft" and configs["sft"]["pack"]
+    assert configs["stage"]["name"] == "sft" and configs["sft"]["pack"] and configs["sft"]["truncate"] == "tokens"
     # killed after step 2, resumed: the same losses as the run that was never interrupted
     cfg_b = tiny_train_config(tmp_path / "b", seq_len=64, max_steps=4, save_every=2, eval_every=4, eval_batches=1,
                               lr=3e-3)
-    run_sft(start, [SFT_TRAIN], cfg_b, val_data=[SFT_VAL], stop_after_steps=2)
+    run_sft(start, [SFT_TRAIN], cfg_b, val_data=[SFT_VAL], truncate="tokens", stop_after_steps=2)
     cfg_b.resume = True
-    run_sft(start, [SFT_TRAIN], cfg_b, val_data=[SFT_VAL])
+    run_sft(start, [SFT_TRAIN], cfg_b, val_data=[SFT_VAL], truncate="tokens")
     resumed = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert [m["loss"] for m in resumed if "loss" in m] == losses
 
@@ -60,7 +64,7 @@ def test_sft_command(tmp_path, tokenizer, capsys):
     out = tmp_path / "sft"
     assert main(["sft", "--from", str(start), "--data", str(SFT_TRAIN), "--val-data", str(SFT_VAL),
                  "--out-dir", str(out), "--max-steps", "3", "--batch-size", "4", "--eval-every", "3",
-                 "--eval-batches", "1", "--no-progress", "--device", "cpu"]) == 0
+                 "--eval-batches", "1", "--no-progress", "--device", "cpu", "--truncate", "tokens"]) == 0
     printed = capsys.readouterr().out
     assert "seq_len 256 -> 64" in printed and "supervised" in printed and "val_loss" in printed
     assert (out / "checkpoints" / "step_000003" / "model.safetensors").is_file()

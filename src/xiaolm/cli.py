@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from xiaolm.config import ModelConfig, TrainConfig
+from xiaolm.config import CHAT_SAMPLING, ModelConfig, TrainConfig
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="characters drawn evenly from the corpus to train the tokenizer on [5M]")
     speed.add_argument("--sft-steps", type=int, default=100, help="SFT steps after pretraining; 0 skips SFT and DPO [100]")
     speed.add_argument("--dpo-steps", type=int, default=30, help="DPO steps after SFT; 0 skips DPO [30]")
+    speed.add_argument("--sft-seq-len", type=int, default=128,
+                       help="SFT sequence length: only replies that fit whole are trained on, so a small model learns "
+                            "short answers that end [128]")
     add_config_flags(speed, ModelConfig, exclude=frozenset({"vocab_size"}))
     add_config_flags(speed, TrainConfig, exclude=frozenset({"out_dir"}))
     return parser
@@ -174,6 +177,9 @@ def _add_chat_data_flags(parser: argparse.ArgumentParser, preference: bool = Fal
                             choices=["auto", "minimind", "sharegpt", "openai", "alpaca"], help="[auto: per record]")
         parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                             help="pack several conversations per sequence, kept apart by a document mask [on]")
+    parser.add_argument("--truncate", default="turns", choices=["turns", "tokens"],
+                        help=f"{kind} longer than --seq-len: keep only whole assistant replies, ended by their end "
+                             "token, dropping what does not fit (turns), or cut replies mid-way (tokens) [turns]")
     parser.add_argument("--skip-bad", action="store_true", help="count and skip malformed records instead of failing")
 
 
@@ -217,11 +223,11 @@ def add_alignment_commands(commands) -> None:
     chat = commands.add_parser("chat", help="multi-turn streaming chat with a checkpoint (stdin may be piped)")
     chat.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones merge on load)")
     chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
-    chat.add_argument("--top-k", type=int, default=0)
-    chat.add_argument("--top-p", type=float, default=0.9)
-    chat.add_argument("--repetition-penalty", type=float, default=1.1)
+    chat.add_argument("--max-new-tokens", type=int, default=CHAT_SAMPLING["max_new_tokens"])
+    chat.add_argument("--temperature", type=float, default=CHAT_SAMPLING["temperature"], help="0 for greedy")
+    chat.add_argument("--top-k", type=int, default=CHAT_SAMPLING["top_k"])
+    chat.add_argument("--top-p", type=float, default=CHAT_SAMPLING["top_p"])
+    chat.add_argument("--repetition-penalty", type=float, default=CHAT_SAMPLING["repetition_penalty"])
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--device", default="auto")
 
@@ -403,7 +409,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
         out=args.out, preset=args.preset, vocab_size=args.vocab_size, include_npm=args.npm,
         corpus=args.corpus, tokenizer_chars=args.tokenizer_chars, cache_dir=default_cache_dir(),
         model_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})), train_overrides=config_overrides(args, TrainConfig),
-        sft_steps=args.sft_steps, dpo_steps=args.dpo_steps,
+        sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, sft_seq_len=args.sft_seq_len,
     )
     return 0
 
@@ -432,7 +438,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from xiaolm.train.align import run_sft
 
     result = run_sft(args.from_ckpt, args.data, _alignment_train_config(args), val_data=args.val_data,
-                     fmt=args.chat_format, pack=args.pack, val_fraction=args.val_fraction, skip_bad=args.skip_bad,
+                     fmt=args.chat_format, pack=args.pack, truncate=args.truncate,
+                     val_fraction=args.val_fraction, skip_bad=args.skip_bad,
                      lora=_lora_settings(args))
     _finish_alignment_run(result, args)
     return 0
@@ -443,6 +450,7 @@ def cmd_dpo(args: argparse.Namespace) -> int:
 
     result = run_dpo(args.from_ckpt, args.data, _alignment_train_config(args), val_data=args.val_data,
                      beta=args.beta, reference_checkpoint=args.ref, precompute_reference=args.precompute_ref,
+                     truncate=args.truncate,
                      val_fraction=args.val_fraction, skip_bad=args.skip_bad, lora=_lora_settings(args))
     _finish_alignment_run(result, args)
     return 0
@@ -452,7 +460,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from xiaolm.train.align import run_distill
 
     result = run_distill(args.teacher, args.student, args.data, _alignment_train_config(args),
-                         val_data=args.val_data, fmt=args.chat_format, pack=args.pack,
+                         val_data=args.val_data, fmt=args.chat_format, pack=args.pack, truncate=args.truncate,
                          student_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})),
                          temperature=args.temperature, alpha=args.alpha, val_fraction=args.val_fraction,
                          skip_bad=args.skip_bad, lora=_lora_settings(args))

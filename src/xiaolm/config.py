@@ -223,6 +223,10 @@ TRAIN_PRESETS.update({
 })
 
 
+CHAT_SAMPLING: dict[str, Any] = dict(max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.1)
+"""`xiaolm chat`'s generation settings (its flag defaults); speedrun's sample answers use them too."""
+
+
 # Fields that may differ between the run that wrote a checkpoint and the run resuming it:
 # they change bookkeeping or how long to go on, not what an exact continuation computes.
 RESUMABLE_TRAIN_FIELDS = frozenset(

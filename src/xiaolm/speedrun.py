@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xiaolm.config import ModelConfig, TrainConfig, to_dict
+from xiaolm.config import CHAT_SAMPLING, ModelConfig, TrainConfig, to_dict
 from xiaolm.data.readers import iter_documents
 from xiaolm.data.shards import read_meta, write_shards
 from xiaolm.eval.mcq import McqConfig, evaluate_mcq, load_exam, write_mcq_results
@@ -43,6 +43,7 @@ def speedrun(
     exams: Path | None = EXAMS,
     sft_steps: int = 100,
     dpo_steps: int = 30,
+    sft_seq_len: int = 128,
 ) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,7 @@ def speedrun(
     timings["evals"] = time.perf_counter() - started
     if sft_steps > 0:
         chat_stages(out, summary, timings, corpus=Path(corpus), cache_dir=cache_dir, sft_steps=sft_steps,
-                    dpo_steps=dpo_steps, train_overrides=train_overrides or {})
+                    dpo_steps=dpo_steps, sft_seq_len=sft_seq_len, train_overrides=train_overrides or {})
     summary["timings_s"] = timings
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     render_report(out)
@@ -147,9 +148,15 @@ CHAT_QUESTIONS = ["你好，你是谁？", "中国的首都是哪里？", "请�
 
 
 def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *, corpus: Path, cache_dir: Path,
-                sft_steps: int, dpo_steps: int, train_overrides: dict[str, Any]) -> None:
-    """chat data -> SFT -> DPO (train/align.py) -> answers to CHAT_QUESTIONS before and after each."""
-    from xiaolm.data.chat import build_chat_data
+                sft_steps: int, dpo_steps: int, sft_seq_len: int, train_overrides: dict[str, Any]) -> None:
+    """chat data -> SFT -> DPO (train/align.py) -> answers to CHAT_QUESTIONS before and after each.
+
+    SFT runs at `sft_seq_len` with the tokens per step of the preset (the batch grows as the
+    sequence shrinks). Only replies that fit whole are trained on (truncate="turns"), so at 128
+    tokens the tiny model learns short answers that end with <|im_end|> (measured against
+    replies cut at 256 tokens in docs/benchmarks.md, "Learning to stop").
+    """
+    from xiaolm.data.chat import build_chat_data, read_conversations
     from xiaolm.train.align import run_dpo, run_sft
 
     def stage(name: str) -> float:
@@ -167,7 +174,10 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
     stages = [("pretrain", out / "pretrain")]
 
     started = stage("sft")
-    cfg = TrainConfig.from_preset("sft", **{"out_dir": str(out / "sft"), "resume": True, "max_steps": sft_steps, **keep})
+    preset = TrainConfig.from_preset("sft")
+    batch_size = max(1, preset.batch_size * preset.seq_len // sft_seq_len)
+    cfg = TrainConfig.from_preset("sft", **{"out_dir": str(out / "sft"), "resume": True, "max_steps": sft_steps,
+                                            "seq_len": sft_seq_len, "batch_size": batch_size, **keep})
     result = run_sft(out / "pretrain", [chat_dir / "sft" / "train.jsonl"], cfg, val_data=[chat_dir / "sft" / "val.jsonl"])
     render_report(out / "sft")  # each stage's folder keeps its own curves
     summary["sft"] = {"steps": result.steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
@@ -186,26 +196,42 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
         timings["dpo"] = time.perf_counter() - started
 
     started = stage("chat samples")
-    summary["chat"] = chat_samples(stages)
+    held_out = [next(m["content"] for m in conversation if m["role"] == "user")
+                for conversation in read_conversations([chat_dir / "sft" / "val.jsonl"])[:HELD_OUT_PROMPTS]]
+    summary["chat"] = chat_samples(stages, held_out)
     timings["chat samples"] = time.perf_counter() - started
     summary.setdefault("extra_sections", []).append({"title": "Chat", "markdown": chat_markdown(summary)})
 
 
-def chat_samples(stages: list[tuple[str, Path]]) -> dict[str, Any]:
-    """Each model's greedy answer to every question, and whether it ended the answer itself."""
+HELD_OUT_PROMPTS = 30
+"""First user messages of this many held-out SFT conversations, asked of the SFT and DPO models:
+how often a model ends its answer itself, on more than the fixed questions."""
+
+
+def chat_samples(stages: list[tuple[str, Path]], held_out: list[str]) -> dict[str, Any]:
+    """Each model's answers, sampled with `xiaolm chat`'s settings (seeded per question), and whether
+    the model ended each answer itself: CHAT_QUESTIONS for every stage, `held_out` for the chat
+    stages (the pretrained model has never seen the template)."""
     from xiaolm.inference.chat import ChatSession
 
-    sampling = SamplingConfig(max_new_tokens=64, temperature=0.0, repetition_penalty=1.1)
     answers: dict[str, list[dict[str, Any]]] = {}
+    held: dict[str, dict[str, int]] = {}
     for name, checkpoint in stages:
         model, tokenizer = load_for_inference(checkpoint, "cpu")
+
+        def ask(question: str, seed: int) -> tuple[str, bool]:
+            session = ChatSession(model, tokenizer, SamplingConfig(**CHAT_SAMPLING, seed=seed))
+            return "".join(session.reply(question)), session.last_stopped
+
         answers[name] = []
-        for question in CHAT_QUESTIONS:
-            session = ChatSession(model, tokenizer, sampling)
-            text = "".join(session.reply(question))
-            answers[name].append({"question": question, "answer": text, "stopped": session.last_stopped})
-            print(f"[{name}] {question} -> {text!r}{'' if session.last_stopped else ' (no end token)'}")
-    return answers
+        for seed, question in enumerate(CHAT_QUESTIONS):
+            text, stopped = ask(question, seed)
+            answers[name].append({"question": question, "answer": text, "stopped": stopped})
+            print(f"[{name}] {question} -> {text!r}{'' if stopped else ' (no end token)'}")
+        if name != "pretrain" and held_out:
+            held[name] = {"stopped": sum(ask(q, seed)[1] for seed, q in enumerate(held_out)), "asked": len(held_out)}
+            print(f"[{name}] ended {held[name]['stopped']}/{len(held_out)} answers to held-out prompts itself")
+    return {"answers": answers, "held_out": held}
 
 
 def chat_markdown(summary: dict[str, Any]) -> str:
@@ -216,11 +242,15 @@ def chat_markdown(summary: dict[str, Any]) -> str:
                                 if isinstance(v, float) and k.startswith("val_"))
             lines.append(f"- {name.upper()}: {summary[name]['steps']} steps in {summary[name]['seconds']:.0f} s; {metrics}")
     chat = summary["chat"]
-    lines += ["", "Greedy answers in the chat template (stopped: the model ended its answer with <|im_end|> "
-              "within 64 tokens):", ""]
-    for name, answers in chat.items():
+    settings = ", ".join(f"{k} {v}" for k, v in CHAT_SAMPLING.items())
+    lines += ["", f"Answers in the chat template, sampled with `xiaolm chat`'s settings ({settings}; seed = "
+              "question number). Stopped: the model ended its answer with <|im_end|> itself; held out: the "
+              "first user messages of held-out SFT conversations.", ""]
+    for name, answers in chat["answers"].items():
         stopped = sum(a["stopped"] for a in answers)
-        lines.append(f"**{name}** (stopped {stopped}/{len(answers)}):")
+        held = chat["held_out"].get(name)
+        extra = f"; held out: stopped {held['stopped']}/{held['asked']}" if held else ""
+        lines.append(f"**{name}** (stopped {stopped}/{len(answers)}{extra}):")
         lines.append("")
         for item in answers:
             answer = item["answer"].replace("\n", " ").replace("|", "\\|").strip() or "(empty)"

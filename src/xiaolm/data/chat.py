@@ -311,21 +311,56 @@ def tokenize_conversation(tokenizer: XiaoTokenizer, messages: list[Message]) -> 
     return encoding.ids, supervised
 
 
-def tokenize_preference(tokenizer: XiaoTokenizer, pair: PreferencePair, max_len: int
-                        ) -> tuple[list[int], list[int], int] | None:
-    """(prompt ids, chosen ids, rejected ids) fitted into max_len tokens each, or None if no
-    reply token fits. The reply ids end with <|im_end|>; the prompt ends with the generation
-    header. Long prompts lose their oldest tokens first."""
+TRUNCATE_POLICIES = ("turns", "tokens")
+"""How `truncate_conversation` and `tokenize_preference` fit what is longer than the sequence."""
+
+
+def tokenize_preference(tokenizer: XiaoTokenizer, pair: PreferencePair, max_len: int, truncate: str = "turns"
+                        ) -> tuple[list[int], list[int], list[int]] | None:
+    """(prompt ids, chosen ids, rejected ids) fitted into max_len tokens each, or None if the pair
+    cannot be fitted. The reply ids end with <|im_end|>; the prompt ends with the generation header.
+
+    A long prompt loses its oldest tokens first, keeping at least a quarter of max_len (or all of
+    it, if shorter). "turns": both replies must then fit whole, end token included, or the pair is
+    dropped, as in SFT. "tokens": replies are cut to what is left (the prompt keeps at least half).
+    """
+    if truncate not in TRUNCATE_POLICIES:
+        raise ValueError(f"truncate={truncate!r}: expected one of {TRUNCATE_POLICIES}")
     prompt = tokenizer.encode(render_chat(pair.prompt, add_generation_prompt=True))
     replies = [tokenizer.encode(reply) + [tokenizer.im_end_id] for reply in (pair.chosen, pair.rejected)]
     longest = max(len(r) for r in replies)
     if len(prompt) + longest > max_len:
-        keep = max(max_len - longest, max_len // 2)
+        if truncate == "turns":
+            keep = max_len - longest
+            if keep < min(len(prompt), max_len // 4):
+                return None
+        else:
+            keep = max(max_len - longest, max_len // 2)
         prompt = prompt[-keep:] if keep > 0 else []
     replies = [r[: max_len - len(prompt)] for r in replies]
     if not prompt or min(len(r) for r in replies) == 0:
         return None
     return prompt, replies[0], replies[1]
+
+
+def truncate_conversation(ids: list[int], supervised: list[bool], max_tokens: int, end_id: int,
+                          policy: str = "turns") -> tuple[list[int], list[bool]]:
+    """Fit a tokenized conversation into max_tokens.
+
+    "turns": keep the leading turns up to the last assistant reply that ends, <|im_end|> included,
+    within max_tokens; nothing if even the first reply does not fit. The model then never learns
+    from a reply that runs off the end without its end token, which is what teaches a small model
+    to stop. "tokens": cut at max_tokens, mid-reply if need be.
+    """
+    if policy not in TRUNCATE_POLICIES:
+        raise ValueError(f"truncate={policy!r}: expected one of {TRUNCATE_POLICIES}")
+    if len(ids) <= max_tokens:
+        return ids, supervised
+    if policy == "tokens":
+        return ids[:max_tokens], supervised[:max_tokens]
+    ends = [i for i in range(max_tokens) if ids[i] == end_id and supervised[i]]
+    keep = ends[-1] + 1 if ends else 0
+    return ids[:keep], supervised[:keep]
 
 
 @dataclass
@@ -334,7 +369,8 @@ class SftStats:
     num_truncated: int = 0
     """Conversations cut to the sequence length (their tail is lost)."""
     num_dropped: int = 0
-    """Conversations with no supervised token left after truncation: counted and dropped."""
+    """Conversations with no (whole, under truncate="turns") assistant reply within the sequence
+    length: counted and dropped."""
     num_supervised_tokens: int = 0
     num_tokens: int = 0
 
@@ -358,11 +394,12 @@ class SftData:
 
 
 def build_sft_data(conversations: list[list[Message]], tokenizer: XiaoTokenizer, seq_len: int, *,
-                   pack: bool = True, seed: int = 0) -> SftData:
+                   pack: bool = True, seed: int = 0, truncate: str = "turns") -> SftData:
     """Tokenize, mask, truncate and (optionally) pack conversations into rows of seq_len pairs.
 
     Each conversation contributes its own (input, target) pairs, ids[:-1] -> ids[1:], so no
-    target ever crosses into the next conversation of a packed row.
+    target ever crosses into the next conversation of a packed row. Conversations longer than
+    seq_len + 1 tokens are cut by `truncate_conversation` under the `truncate` policy.
     """
     stats = SftStats()
     examples = []
@@ -371,7 +408,7 @@ def build_sft_data(conversations: list[list[Message]], tokenizer: XiaoTokenizer,
         ids, supervised = tokenize_conversation(tokenizer, messages)
         if len(ids) > seq_len + 1:
             stats.num_truncated += 1
-            ids, supervised = ids[: seq_len + 1], supervised[: seq_len + 1]
+            ids, supervised = truncate_conversation(ids, supervised, seq_len + 1, tokenizer.im_end_id, truncate)
         targets = [t if s else IGNORE_INDEX for t, s in zip(ids[1:], supervised[1:])]
         num_supervised = sum(t != IGNORE_INDEX for t in targets)
         if num_supervised == 0:
@@ -381,8 +418,10 @@ def build_sft_data(conversations: list[list[Message]], tokenizer: XiaoTokenizer,
         stats.num_tokens += len(ids) - 1
         examples.append((ids[:-1], targets))
     if not examples:
-        raise ValueError(f"no conversation has a supervised token within seq_len={seq_len} "
-                         f"({stats.num_dropped} dropped); raise --seq-len")
+        whole = " (a whole assistant reply)" if truncate == "turns" else ""
+        raise ValueError(f"no conversation has a supervised token{whole} within seq_len={seq_len} "
+                         f"({stats.num_dropped} dropped); raise --seq-len"
+                         + (" or pass --truncate tokens" if truncate == "turns" else ""))
     random.Random(seed).shuffle(examples)  # packing neighbours are random, not file order
     rows: list[list[tuple[list[int], list[int]]]] = []
     used = seq_len

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -49,9 +48,9 @@ from xiaolm.data.chat import (
 from xiaolm.data.readers import ReadStats
 from xiaolm.model.transformer import Transformer
 from xiaolm.tokenizer.bpe import XiaoTokenizer
-from xiaolm.train.distributed import DistContext
+from xiaolm.train.distributed import DistContext, all_reduce_sum
 from xiaolm.train.loop import Batch, Stage, TrainResult, train
-from xiaolm.train.stages import add_aux_loss, masked_forward, next_token_loss
+from xiaolm.train.stages import add_aux_loss, eval_batches, masked_forward, next_token_loss
 
 # --------------------------------------------------------------------------- SFT
 
@@ -90,30 +89,20 @@ def _data_key(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def _split_rows(total: int, batch_size: int, ctx: DistContext) -> range:
-    per_rank = total // ctx.world_size
-    first = ctx.rank * per_rank
-    return range(first, first + per_rank, batch_size)
-
-
-def evaluate_sft(data: SftData, batch_size: int, num_batches: int, packed: bool, loss_fn=None):
+def evaluate_sft(data: SftData, batch_size: int, num_batches: int, packed: bool):
     """val_loss: mean nats per supervised token over the first rows of `data`, split across ranks."""
 
     def evaluate(model: nn.Module, ctx: DistContext, autocast: Callable) -> dict[str, float]:
-        total = min(data.num_rows, num_batches * batch_size * ctx.world_size)
         device = next(model.parameters()).device
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # nats, supervised tokens
-        per_rank = total // ctx.world_size
-        for start in _split_rows(total, batch_size, ctx):
-            rows = torch.arange(start, min(start + batch_size, ctx.rank * per_rank + per_rank))
-            batch = {k: v.to(device) for k, v in sft_batch(data, rows, packed).items()}
+        for rows in eval_batches(data.num_rows, batch_size, num_batches, ctx):
+            batch = {k: v.to(device) for k, v in sft_batch(data, torch.tensor(rows), packed).items()}
             with autocast():
                 logits = masked_forward(model, batch)
             nats = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
             totals += torch.stack([nats.double(), (batch["targets"] != IGNORE_INDEX).sum().double()])
-        if ctx.enabled:
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        totals = all_reduce_sum(totals, ctx)
         return {"val_loss": (totals[0] / totals[1].clamp(min=1)).item()}
 
     return evaluate
@@ -154,18 +143,20 @@ class PreferenceData:
         return len(self.examples)
 
 
-def build_preference_data(pairs: Sequence[PreferencePair], tokenizer: XiaoTokenizer, max_len: int) -> PreferenceData:
-    """Fit each pair into `max_len` tokens per sequence; pairs with no reply token left are
-    counted (`num_dropped`) and dropped."""
+def build_preference_data(pairs: Sequence[PreferencePair], tokenizer: XiaoTokenizer, max_len: int,
+                          truncate: str = "turns") -> PreferenceData:
+    """Fit each pair into `max_len` tokens per sequence (`tokenize_preference`, under the `truncate`
+    policy); pairs that do not fit are counted (`num_dropped`) and dropped."""
     examples, dropped = [], 0
     for pair in pairs:
-        example = tokenize_preference(tokenizer, pair, max_len + 1)
+        example = tokenize_preference(tokenizer, pair, max_len + 1, truncate)
         if example is None:
             dropped += 1
         else:
             examples.append(example)
     if not examples:
-        raise ValueError(f"no preference pair fits in seq_len={max_len} ({dropped} dropped)")
+        raise ValueError(f"no preference pair fits in seq_len={max_len} ({dropped} dropped); raise --seq-len"
+                         + (" or pass --truncate tokens" if truncate == "turns" else ""))
     return PreferenceData(examples, tokenizer.eos_id, dropped)
 
 
@@ -278,10 +269,7 @@ def dpo_stage(train_data: PreferenceData, val_data: PreferenceData | None, cfg: 
         device = next(model.parameters()).device
         val_meter = _RewardMeter()
         losses = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, pairs
-        total = min(val_data.num_pairs, cfg.eval_batches * cfg.batch_size * ctx.world_size)
-        per_rank = total // ctx.world_size
-        for start in _split_rows(total, cfg.batch_size, ctx):
-            indices = list(range(start, min(start + cfg.batch_size, ctx.rank * per_rank + per_rank)))
+        for indices in eval_batches(val_data.num_pairs, cfg.batch_size, cfg.eval_batches, ctx):
             batch = {k: v.to(device) for k, v in preference_batch(val_data, indices).items()}
             with autocast():
                 policy = sequence_logps(model(batch["inputs"]), batch["targets"])
@@ -291,9 +279,7 @@ def dpo_stage(train_data: PreferenceData, val_data: PreferenceData | None, cfg: 
             losses += torch.stack([loss.detach().double() * count, count])
 
         def reduce(values: torch.Tensor) -> torch.Tensor:
-            if ctx.enabled:
-                dist.all_reduce(values, op=dist.ReduceOp.SUM)
-            return values
+            return all_reduce_sum(values, ctx)
 
         losses = reduce(losses)
         return {"val_loss": (losses[0] / losses[1].clamp(min=1)).item(), **val_meter.metrics(reduce, "val_")}
@@ -401,37 +387,51 @@ def load_chat_splits(data: Sequence[str | Path], val_data: Sequence[str | Path] 
     return train_items, val_items
 
 
+def held_out_data(build: Callable[[list], Any], items: list) -> Any | None:
+    """`build(items)` for the held-out split, or None (no validation, said on stdout) when it has no
+    record or none fits in seq_len: a long run should not die for want of a validation set."""
+    if not items:
+        return None
+    try:
+        return build(items)
+    except ValueError as error:
+        print(f"held-out data unusable, training without validation: {error}")
+        return None
+
+
 def _print_sft_stats(name: str, data: SftData) -> None:
     s = data.stats
     print(f"{name}: {s.num_conversations} conversations -> {data.num_rows} rows; {s.num_supervised_tokens:,} of "
-          f"{s.num_tokens:,} tokens supervised; {s.num_truncated} truncated, {s.num_dropped} dropped "
-          "(no assistant token within seq_len)")
+          f"{s.num_tokens:,} tokens supervised; {s.num_truncated} longer than seq_len, {s.num_dropped} dropped "
+          "(no whole assistant reply within seq_len, or none at all under --truncate tokens)")
 
 
 def run_sft(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainConfig, *,
             val_data: Sequence[str | Path] | None = None, fmt: str = "auto", pack: bool = True,
-            val_fraction: float = 0.05, skip_bad: bool = False, lora=None,
+            truncate: str = "turns", val_fraction: float = 0.05, skip_bad: bool = False, lora=None,
             stop_after_steps: int | None = None) -> TrainResult:
     from xiaolm.train.checkpoint import load_model
 
     model, tokenizer, _ = load_model(from_checkpoint)
     cfg = fit_seq_len(cfg, model)
     train_items, val_items = load_chat_splits(data, val_data, fmt=fmt, val_fraction=val_fraction, skip_bad=skip_bad)
-    train_data = build_sft_data(train_items, tokenizer, cfg.seq_len, pack=pack, seed=cfg.seed)
+    train_data = build_sft_data(train_items, tokenizer, cfg.seq_len, pack=pack, seed=cfg.seed, truncate=truncate)
     _print_sft_stats("train", train_data)
-    val = build_sft_data(val_items, tokenizer, cfg.seq_len, pack=pack, seed=0) if val_items else None
+    val = held_out_data(lambda items: build_sft_data(items, tokenizer, cfg.seq_len, pack=pack, truncate=truncate),
+                        val_items)
     if val is not None:
         _print_sft_stats("val", val)
     peft_model, trainable, lora_configs = _with_lora(model, lora, cfg.seed)
     stage = sft_stage(train_data, val, cfg, packed=pack, trainable=trainable)
-    configs = {"sft": {"from": str(from_checkpoint), "format": fmt, "pack": pack}, **lora_configs}
+    configs = {"sft": {"from": str(from_checkpoint), "format": fmt, "pack": pack, "truncate": truncate}, **lora_configs}
     result = train(model, stage, cfg, tokenizer=tokenizer, configs=configs, stop_after_steps=stop_after_steps)
     return _finish(result, peft_model)
 
 
 def run_dpo(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainConfig, *,
             val_data: Sequence[str | Path] | None = None, beta: float = 0.1, reference_checkpoint=None,
-            precompute_reference: bool = True, val_fraction: float = 0.05, skip_bad: bool = False, lora=None,
+            precompute_reference: bool = True, truncate: str = "turns", val_fraction: float = 0.05,
+            skip_bad: bool = False, lora=None,
             stop_after_steps: int | None = None) -> TrainResult:
     """DPO from `from_checkpoint`; the reference is `reference_checkpoint` or the starting model."""
     from xiaolm.train.checkpoint import load_model
@@ -446,8 +446,8 @@ def run_dpo(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
         reference = copy.deepcopy(model)
     train_items, val_items = load_chat_splits(data, val_data, val_fraction=val_fraction, skip_bad=skip_bad,
                                               preference=True)
-    train_data = build_preference_data(train_items, tokenizer, cfg.seq_len)
-    val = build_preference_data(val_items, tokenizer, cfg.seq_len) if val_items else None
+    train_data = build_preference_data(train_items, tokenizer, cfg.seq_len, truncate)
+    val = held_out_data(lambda items: build_preference_data(items, tokenizer, cfg.seq_len, truncate), val_items)
     print(f"preference pairs: {train_data.num_pairs} train ({train_data.num_dropped} dropped), "
           f"{val.num_pairs if val else 0} val")
     if precompute_reference:
@@ -459,14 +459,15 @@ def run_dpo(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
     peft_model, trainable, lora_configs = _with_lora(model, lora, cfg.seed)
     stage = dpo_stage(train_data, val, cfg, beta=beta, reference=reference, trainable=trainable)
     configs = {"dpo": {"from": str(from_checkpoint), "reference": str(reference_checkpoint or from_checkpoint),
-                       "precompute_reference": precompute_reference}, **lora_configs}
+                       "precompute_reference": precompute_reference, "truncate": truncate}, **lora_configs}
     result = train(model, stage, cfg, tokenizer=tokenizer, configs=configs, stop_after_steps=stop_after_steps)
     return _finish(result, peft_model)
 
 
 def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Sequence[str | Path], cfg: TrainConfig, *,
                 val_data: Sequence[str | Path] | None = None, student_overrides: dict | None = None,
-                fmt: str = "auto", pack: bool = True, temperature: float = 2.0, alpha: float = 0.5,
+                fmt: str = "auto", pack: bool = True, truncate: str = "turns",
+                temperature: float = 2.0, alpha: float = 0.5,
                 val_fraction: float = 0.05, skip_bad: bool = False, lora=None,
                 stop_after_steps: int | None = None) -> TrainResult:
     """Distil `teacher_checkpoint` into `student`: a checkpoint (same tokenizer required) or a model
@@ -487,13 +488,15 @@ def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Seque
         raise ValueError(f"--student {student}: no checkpoint there and not a model preset ({sorted(MODEL_PRESETS)})")
     cfg = fit_seq_len(cfg, model, teacher)
     train_items, val_items = load_chat_splits(data, val_data, fmt=fmt, val_fraction=val_fraction, skip_bad=skip_bad)
-    train_data = build_sft_data(train_items, tokenizer, cfg.seq_len, pack=pack, seed=cfg.seed)
+    train_data = build_sft_data(train_items, tokenizer, cfg.seq_len, pack=pack, seed=cfg.seed, truncate=truncate)
     _print_sft_stats("train", train_data)
-    val = build_sft_data(val_items, tokenizer, cfg.seq_len, pack=pack, seed=0) if val_items else None
+    val = held_out_data(lambda items: build_sft_data(items, tokenizer, cfg.seq_len, pack=pack, truncate=truncate),
+                        val_items)
     peft_model, trainable, lora_configs = _with_lora(model, lora, cfg.seed)
     stage = distill_stage(train_data, val, teacher, cfg, temperature=temperature, alpha=alpha, packed=pack,
                           trainable=trainable)
     configs = {"distill": {"teacher": str(teacher_checkpoint), "student": str(student), "format": fmt,
+                           "truncate": truncate,
                            "teacher_model": to_dict(teacher.config)}, **lora_configs}
     result = train(model, stage, cfg, tokenizer=tokenizer, configs=configs, stop_after_steps=stop_after_steps)
     return _finish(result, peft_model)

@@ -52,6 +52,13 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum `values` over all ranks in place (a no-op in a single process); returns it."""
+    if ctx.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

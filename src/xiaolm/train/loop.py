@@ -30,6 +30,7 @@ from xiaolm.tokenizer.bpe import XiaoTokenizer
 from xiaolm.train import checkpoint as ckpt
 from xiaolm.train.distributed import (
     DistContext,
+    all_reduce_sum,
     autocast_dtype,
     init_distributed,
     resolve_device,
@@ -122,12 +123,6 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def _all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    if ctx.enabled:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model itself under the torch.compile and DistributedDataParallel wrappers."""
     model = getattr(model, "_orig_mod", model)  # torch.compile
@@ -184,7 +179,7 @@ def train(
     forward_model = torch.compile(model) if cfg.compile else model
 
     def reduce(values: torch.Tensor) -> torch.Tensor:
-        return _all_reduce_sum(values, ctx)
+        return all_reduce_sum(values, ctx)
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +221,7 @@ def train(
                 (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach()
             step_tokens += num_tokens
-        loss_value = _all_reduce_sum(loss_sum, ctx).item() / ctx.world_size
+        loss_value = all_reduce_sum(loss_sum, ctx).item() / ctx.world_size
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)

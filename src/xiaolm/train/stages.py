@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from xiaolm.config import TrainConfig
 from xiaolm.data.chat import document_mask
 from xiaolm.data.shards import PackedTokens
-from xiaolm.train.distributed import DistContext
+from xiaolm.train.distributed import DistContext, all_reduce_sum
 from xiaolm.train.loop import Batch, Stage, unwrap_model
 
 
@@ -42,6 +41,19 @@ def add_aux_loss(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
     return loss if aux is None else loss + aux
 
 
+def eval_batches(num_items: int, batch_size: int, num_batches: int, ctx: DistContext) -> Iterator[range]:
+    """This rank's share of the first items of a validation set, in batches of item indices.
+
+    The same items whatever the world size: num_batches * batch_size per process, so W processes
+    with batch B see what one process with batch W * B sees. Every stage's `evaluate` uses it.
+    """
+    total = min(num_items, num_batches * batch_size * ctx.world_size)
+    per_rank = total // ctx.world_size
+    first = ctx.rank * per_rank
+    for start in range(first, first + per_rank, batch_size):
+        yield range(start, min(start + batch_size, first + per_rank))
+
+
 def evaluate_packed(
     data: PackedTokens, token_num_bytes: torch.Tensor, batch_size: int, num_batches: int
 ) -> Callable[[nn.Module, DistContext, Callable], dict[str, float]]:
@@ -52,25 +64,18 @@ def evaluate_packed(
     """
 
     def evaluate(model: nn.Module, ctx: DistContext, autocast: Callable) -> dict[str, float]:
-        # the same windows whatever the world size: num_batches * batch_size per process,
-        # so W processes with batch B see what one process with batch W * B sees
-        total = min(data.num_windows, num_batches * batch_size * ctx.world_size)
-        per_rank = total // ctx.world_size
         device = next(model.parameters()).device
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
         byte_table = token_num_bytes.to(device)
-        first = ctx.rank * per_rank
-        for start in range(first, first + per_rank, batch_size):
-            inputs, targets = data.batch(start, min(batch_size, first + per_rank - start))
+        for windows in eval_batches(data.num_windows, batch_size, num_batches, ctx):
+            inputs, targets = data.batch(windows.start, len(windows))
             inputs, targets = inputs.to(device), targets.to(device)
             with autocast():
                 logits = model(inputs)
             nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
             totals += torch.stack([nats.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=device),
                                    byte_table[targets].sum().double()])
-        if ctx.enabled:
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        nats, tokens, num_bytes = totals.tolist()
+        nats, tokens, num_bytes = all_reduce_sum(totals, ctx).tolist()
         return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(num_bytes, 1.0)}
 
     return evaluate
