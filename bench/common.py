@@ -21,71 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from xiaolm.config import ModelConfig
+from xiaolm.hf import build_llama
 from xiaolm.model.transformer import Transformer
 from xiaolm.train.stages import add_aux_loss
 
 
 def build_hf_llama(config: ModelConfig, source: Transformer | None = None):
-    """transformers' LlamaForCausalLM with xiaolm's shape and SDPA attention; with `source`,
-    its weights are copied over so both models compute the same function."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_config = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        tie_word_embeddings=config.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        # no padding_idx: xiaolm's embedding has none, and it would zero that row's gradient
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-        attn_implementation="sdpa",
-    )
-    if config.qk_norm:
-        raise ValueError("LlamaForCausalLM has no QK-norm; benchmark a config with qk_norm=False")
-    model = LlamaForCausalLM(hf_config).float()
-    if source is not None:
-        copy_weights_to_hf(source, model)
-    return model
-
-
-def hf_state_dict_from_xiaolm(source: Transformer) -> dict[str, torch.Tensor]:
-    """xiaolm's state dict under transformers' Llama names (a 1:1 renaming)."""
-    renames = {
-        "attn.": "self_attn.",
-        "input_norm.": "input_layernorm.",
-        "post_attn_norm.": "post_attention_layernorm.",
-    }
-    out = {}
-    for name, tensor in source.state_dict().items():
-        if name.startswith("lm_head."):
-            out[name] = tensor
-            continue
-        for old, new in renames.items():
-            name = name.replace(old, new)
-        out["model." + name] = tensor
-    return out
-
-
-@torch.no_grad()
-def copy_weights_to_hf(source: Transformer, target) -> None:
-    weights = hf_state_dict_from_xiaolm(source)
-    missing, unexpected = target.load_state_dict(weights, strict=False)
-    # the tied lm_head may be reported missing; everything else must match exactly
-    missing = [k for k in missing if not (k == "lm_head.weight" and source.config.tie_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
-    if source.config.tie_embeddings:
-        assert target.lm_head.weight.data_ptr() == target.model.embed_tokens.weight.data_ptr()
+    """transformers' LlamaForCausalLM with xiaolm's shape and SDPA attention (xiaolm/hf.py, the
+    export's own mapping); with `source`, its weights are copied over so both models compute the
+    same function."""
+    return build_llama(config, source.state_dict() if source is not None else None)
 
 
 def make_train_step(forward, model, optimizer, batches, precision: str) -> Callable[[], float]:

@@ -27,6 +27,34 @@ def test_history_is_trimmed_oldest_turn_first(tokenizer):
     assert session.history[-1]["content"] == ("".join(pieces) or " ")
 
 
+def test_session_records_how_a_reply_ended(tokenizer):
+    import torch
+
+    model = Transformer(tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=128,
+                                          tie_embeddings=False)).eval()
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    session = ChatSession(model, tokenizer, greedy)
+    with torch.no_grad():
+        # dimension 0 of the residual stream is the embedding's, 5.0 for every token (no block writes
+        # to it), and only it reaches the logits: greedy decoding picks <|im_end|> at once
+        model.embed_tokens.weight[:, 0] = 5.0
+        for layer in model.layers:
+            layer.mlp.down_proj.weight[0].zero_()
+            layer.attn.o_proj.weight[0].zero_()
+        model.norm.weight.zero_()
+        model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tokenizer.im_end_id, 0] = 1.0
+    assert "".join(session.reply("hi")) == "" and session.last_stop_id == tokenizer.im_end_id and session.last_stopped
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # all logits equal: greedy takes id 0, <|endoftext|>
+    list(session.reply("hi"))
+    assert session.last_stop_id == tokenizer.eos_id == 0 and session.last_stopped
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = 1.0  # a plain token always wins: the token limit ends the reply
+    assert len(list(session.reply("hi"))) >= 1 and session.last_stop_id is None and not session.last_stopped
+
+
 def test_chat_command_with_piped_input(tmp_path, tokenizer):
     start = make_checkpoint(tmp_path / "start", tokenizer)
     run_sft(start, [SFT_TRAIN], tiny_train_config(tmp_path / "sft", seq_len=64, max_steps=2, eval_every=0))

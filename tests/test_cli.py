@@ -22,11 +22,12 @@ def test_readme_commands_are_all_tested():
     readme = (ROOT / "README.md").read_text()
     shown = set(re.findall(r"(?:^|-m xiaolm\.cli |make )\s*(?:xiaolm )?(data build|tokenizer train|tokenizer eval|"
                            r"pretrain|generate|speedrun|eval mcq|eval ppl|eval build-exams|report|"
-                           r"sft|dpo|lora merge|distill|chat)\b", readme, re.M))
-    # sft, dpo, lora merge, distill, chat: test_sft.py, test_dpo.py, test_lora.py, test_distill.py, test_chat_cli.py
+                           r"sft|dpo|lora merge|distill|chat|export hf)\b", readme, re.M))
+    # sft, dpo, lora merge, distill, chat, export hf: test_sft.py, test_dpo.py, test_lora.py, test_distill.py,
+    # test_chat_cli.py, test_hf.py
     assert shown == {"data build", "tokenizer train", "tokenizer eval", "pretrain", "generate", "speedrun",
                      "eval mcq", "eval ppl", "eval build-exams", "report", "sft", "dpo", "lora merge", "distill",
-                     "chat"}
+                     "chat", "export hf"}
 
 
 def test_data_build_of_the_sample_is_cached(capsys):
@@ -174,7 +175,10 @@ def test_speedrun_on_the_sample(tmp_path):
     assert summary["sft"]["steps"] == 2 and summary["dpo"]["steps"] == 2
     dpo_metrics = [json.loads(line) for line in open(out / "dpo" / "metrics.jsonl")]
     assert "reward_accuracy" in dpo_metrics[-1]  # (the sample's 2 held-out pairs are too long for this model)
-    assert [len(summary["chat"]["answers"][name]) for name in ("pretrain", "sft", "dpo")] == [6, 6, 6]
+    answers = summary["chat"]["answers"]
+    assert [len(answers[name]) for name in ("pretrain", "sft", "dpo")] == [6, 6, 6]
+    assert all(a["ended_by"] in ("<|im_end|>", "<|endoftext|>", None) and a["stopped"] == (a["ended_by"] == "<|im_end|>")
+               for name in answers for a in answers[name])
     held_out = summary["chat"]["held_out"]  # the committed sample's 8 held-out SFT conversations
     assert set(held_out) == {"sft", "dpo"} and all(h["asked"] == 8 and 0 <= h["stopped"] <= 8 for h in held_out.values())
     assert "## Chat" in report and re.search(r"\*\*dpo\*\* \(stopped \d/6; held out: stopped \d/8\)", report)

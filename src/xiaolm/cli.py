@@ -220,6 +220,15 @@ def add_alignment_commands(commands) -> None:
     merge.add_argument("--ckpt", type=Path, required=True, help="LoRA checkpoint or run folder")
     merge.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
 
+    export = commands.add_parser("export", help="write a checkpoint in another library's format").add_subparsers(
+        dest="export_format", required=True)
+    hf = export.add_parser("hf", help="a transformers LlamaForCausalLM folder (pip install 'xiaolm[hf]')")
+    hf.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones are merged)")
+    hf.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
+    hf.add_argument("--keep-adapter", action="store_true",
+                    help="LoRA checkpoint: write the base model and OUT/adapter (peft, transformers' module names) "
+                         "instead of merging")
+
     chat = commands.add_parser("chat", help="multi-turn streaming chat with a checkpoint (stdin may be piped)")
     chat.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones merge on load)")
     chat.add_argument("--system", default=None, help="system prompt")
@@ -475,6 +484,14 @@ def cmd_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from xiaolm.hf import export_hf
+
+    out = export_hf(args.ckpt, args.out, keep_adapter=args.keep_adapter)
+    print(f"transformers model written to {out}" + (f" (adapter: {out / 'adapter'})" if args.keep_adapter else ""))
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from xiaolm.inference.chat import run_chat
     from xiaolm.inference.generate import SamplingConfig
@@ -489,6 +506,7 @@ COMMANDS = {
     "dpo": cmd_dpo,
     "distill": cmd_distill,
     "lora": cmd_lora,
+    "export": cmd_export,
     "chat": cmd_chat,
     "data": cmd_data,
     "tokenizer": cmd_tokenizer,

@@ -19,7 +19,7 @@ from xiaolm.eval.ppl import evaluate_shards
 from xiaolm.eval.report import render_report
 from xiaolm.inference.generate import SamplingConfig
 from xiaolm.inference.session import load_for_inference, stream_completion
-from xiaolm.tokenizer.bpe import load_tokenizer, train_tokenizer
+from xiaolm.tokenizer.bpe import IM_END, load_tokenizer, train_tokenizer
 from xiaolm.train.pretrain import pretrain
 from xiaolm.utils import spread_sample
 
@@ -219,18 +219,21 @@ def chat_samples(stages: list[tuple[str, Path]], held_out: list[str]) -> dict[st
     for name, checkpoint in stages:
         model, tokenizer = load_for_inference(checkpoint, "cpu")
 
-        def ask(question: str, seed: int) -> tuple[str, bool]:
+        def ask(question: str, seed: int) -> tuple[str, str | None]:
             session = ChatSession(model, tokenizer, SamplingConfig(**CHAT_SAMPLING, seed=seed))
-            return "".join(session.reply(question)), session.last_stopped
+            text = "".join(session.reply(question))
+            return text, None if session.last_stop_id is None else tokenizer.decode([session.last_stop_id])
 
         answers[name] = []
         for seed, question in enumerate(CHAT_QUESTIONS):
-            text, stopped = ask(question, seed)
-            answers[name].append({"question": question, "answer": text, "stopped": stopped})
-            print(f"[{name}] {question} -> {text!r}{'' if stopped else ' (no end token)'}")
+            text, ended_by = ask(question, seed)
+            answers[name].append({"question": question, "answer": text, "ended_by": ended_by,
+                                  "stopped": ended_by == IM_END})
+            print(f"[{name}] {question} -> {text!r} (ended by {ended_by or 'the token limit'})")
         if name != "pretrain" and held_out:
-            held[name] = {"stopped": sum(ask(q, seed)[1] for seed, q in enumerate(held_out)), "asked": len(held_out)}
-            print(f"[{name}] ended {held[name]['stopped']}/{len(held_out)} answers to held-out prompts itself")
+            ends = [ask(q, seed)[1] for seed, q in enumerate(held_out)]
+            held[name] = {"stopped": ends.count(IM_END), "asked": len(held_out)}
+            print(f"[{name}] ended {held[name]['stopped']}/{len(held_out)} answers to held-out prompts with {IM_END}")
     return {"answers": answers, "held_out": held}
 
 
@@ -244,8 +247,9 @@ def chat_markdown(summary: dict[str, Any]) -> str:
     chat = summary["chat"]
     settings = ", ".join(f"{k} {v}" for k, v in CHAT_SAMPLING.items())
     lines += ["", f"Answers in the chat template, sampled with `xiaolm chat`'s settings ({settings}; seed = "
-              "question number). Stopped: the model ended its answer with <|im_end|> itself; held out: the "
-              "first user messages of held-out SFT conversations.", ""]
+              "question number). Stopped: the model ended its answer with <|im_end|> itself (an answer cut by "
+              "the token limit ends with ..., one ended by <|endoftext|> is marked so); held out: the first user "
+              "messages of held-out SFT conversations.", ""]
     for name, answers in chat["answers"].items():
         stopped = sum(a["stopped"] for a in answers)
         held = chat["held_out"].get(name)
@@ -254,6 +258,7 @@ def chat_markdown(summary: dict[str, Any]) -> str:
         lines.append("")
         for item in answers:
             answer = item["answer"].replace("\n", " ").replace("|", "\\|").strip() or "(empty)"
-            lines.append(f"- {item['question']} -> {answer}{'' if item['stopped'] else ' ...'}")
+            end = {IM_END: "", None: " ..."}.get(item["ended_by"], f" [{item['ended_by']}]")
+            lines.append(f"- {item['question']} -> {answer}{end}")
         lines.append("")
     return "\n".join(lines)

@@ -33,8 +33,14 @@ class ChatSession:
         self.system = system
         self.history: list[dict[str, str]] = []
         self.num_dropped_turns = 0
-        self.last_stopped = False
-        """Whether the latest reply ended with the model's own end token (not the token limit)."""
+        self.last_stop_id: int | None = None
+        """The stop token (<|im_end|> or <|endoftext|>) that ended the latest reply; None when the
+        token limit ended it."""
+
+    @property
+    def last_stopped(self) -> bool:
+        """Whether the model ended the latest reply itself, with either stop token."""
+        return self.last_stop_id is not None
 
     def clear(self) -> None:
         self.history = []
@@ -67,12 +73,12 @@ class ChatSession:
         stop_ids = (self.tokenizer.im_end_id, self.tokenizer.eos_id)
         streamer = TextStreamer(self.tokenizer.token_bytes(), skip_ids=self.tokenizer.special_ids)
         pieces: list[str] = []
-        self.last_stopped = False
+        self.last_stop_id = None
         with torch.inference_mode():
             for next_ids in generate_tokens(self.model, prompt, self.sampling, stop_ids=stop_ids):
                 token = int(next_ids[0])
                 if token in stop_ids:
-                    self.last_stopped = True
+                    self.last_stop_id = token
                     break
                 piece = streamer.push(token)
                 if piece:
