@@ -21,12 +21,10 @@ from pathlib import Path
 import torch
 
 from common import markdown_table, print_report
-from xiaolm.config import CHAT_SAMPLING, TrainConfig
-from xiaolm.data.chat import read_conversations
-from xiaolm.inference.chat import ChatSession
-from xiaolm.inference.generate import SamplingConfig
+from xiaolm.config import CHAT_SAMPLING
 from xiaolm.inference.session import load_for_inference
-from xiaolm.speedrun import CHAT_QUESTIONS, HELD_OUT_PROMPTS
+from xiaolm.speedrun import CHAT_QUESTIONS, held_out_prompts, sample_answer, sft_config
+from xiaolm.tokenizer.bpe import IM_END
 from xiaolm.train.align import run_sft
 
 VARIANTS = {"tokens@256": ("tokens", 256), "turns@256": ("turns", 256), "turns@128": ("turns", 128)}
@@ -38,12 +36,9 @@ def stop_counts(checkpoint: Path, questions: dict[str, list[str]]) -> dict[str, 
     model, tokenizer = load_for_inference(checkpoint, "cpu")
     counts = {}
     for name, prompts in questions.items():
-        stopped, chars = 0, 0
-        for seed, prompt in enumerate(prompts):
-            session = ChatSession(model, tokenizer, SamplingConfig(**CHAT_SAMPLING, seed=seed))
-            chars += len("".join(session.reply(prompt)))
-            stopped += session.last_stop_id == tokenizer.im_end_id
-        counts[name] = (stopped, len(prompts), chars / len(prompts))
+        answers = [sample_answer(model, tokenizer, prompt, seed) for seed, prompt in enumerate(prompts)]
+        stopped = sum(ended_by == IM_END for _, ended_by in answers)
+        counts[name] = (stopped, len(prompts), sum(len(text) for text, _ in answers) / len(prompts))
     return counts
 
 
@@ -56,16 +51,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     threads = torch.get_num_threads()
-    held_out = [next(m["content"] for m in conversation if m["role"] == "user")
-                for conversation in read_conversations([args.chat / "sft" / "val.jsonl"])[:HELD_OUT_PROMPTS]]
-    questions = {"fixed": CHAT_QUESTIONS, "held out": held_out}
-    preset = TrainConfig.from_preset("sft")
+    questions = {"fixed": CHAT_QUESTIONS, "held out": held_out_prompts(args.chat)}
     rows = []
     for name in args.variants:
         truncate, seq_len = VARIANTS[name]
-        cfg = TrainConfig.from_preset("sft", out_dir=str(args.work / name.replace("@", "-")), max_steps=args.steps,
-                                      seq_len=seq_len, batch_size=preset.batch_size * preset.seq_len // seq_len,
-                                      save_every=args.steps, progress=False, device="cpu")
+        cfg = sft_config(seq_len, out_dir=str(args.work / name.replace("@", "-")), max_steps=args.steps,
+                         save_every=args.steps, progress=False, device="cpu")
         result = run_sft(args.pretrain, [args.chat / "sft" / "train.jsonl"], cfg,
                          val_data=[args.chat / "sft" / "val.jsonl"], truncate=truncate)
         counts = stop_counts(result.checkpoint, questions)

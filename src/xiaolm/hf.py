@@ -10,8 +10,6 @@ Mixture-of-Experts layers.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -84,23 +82,6 @@ def build_llama(config: ModelConfig, state_dict: dict | None = None, eos_ids: li
     return model
 
 
-def _write_atomically(out: Path, write) -> Path:
-    """Run `write(tmp)` into a fresh sibling folder, then rename it to `out`: an interrupted export
-    leaves no half-written model where a complete one is expected."""
-    out = Path(out)
-    if out.exists():
-        raise ValueError(f"{out} already exists; choose a new folder")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def export_hf(checkpoint: str | Path, out: str | Path, *, keep_adapter: bool = False) -> Path:
     """Write `checkpoint` as a transformers model folder `out` (config.json, model.safetensors,
     generation_config.json, the tokenizer with its chat template), loadable with
@@ -110,26 +91,21 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, keep_adapter: bool = F
     `out/adapter` the adapter under transformers' module names (`PeftModel.from_pretrained`).
     """
     from xiaolm.config import from_dict
-    from xiaolm.tokenizer.bpe import load_tokenizer
     from xiaolm.train import checkpoint as ckpt
-    from xiaolm.train.lora import load_any_model
+    from xiaolm.train.lora import load_any_model, load_lora_model
 
     source = ckpt.resolve_checkpoint(checkpoint)
-    configs = ckpt.read_configs(source)
-    config = from_dict(ModelConfig, configs["model"])
+    config = from_dict(ModelConfig, ckpt.read_configs(source)["model"])
     check_llama_compatible(config)
     if keep_adapter:
-        if "lora" not in configs:
-            raise ValueError(f"{source} is not a LoRA checkpoint (its config.json has no 'lora' section)")
-        tokenizer = load_tokenizer(source)
-        weights = _base_weights(source, config)
+        peft_model, tokenizer, _ = load_lora_model(source)
+        model = peft_model.unload()  # the base weights, adapters removed unmerged
     else:
         model, tokenizer, _ = load_any_model(source)  # a LoRA checkpoint comes merged
-        weights = model.state_dict()
     eos_ids = [tokenizer.im_end_id, tokenizer.eos_id]
 
     def write(folder: Path) -> None:
-        llama = build_llama(config, weights, eos_ids)
+        llama = build_llama(config, model.state_dict(), eos_ids)
         llama.generation_config.eos_token_id = eos_ids
         llama.generation_config.pad_token_id = tokenizer.eos_id
         llama.save_pretrained(str(folder))
@@ -137,28 +113,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, keep_adapter: bool = F
         if keep_adapter:
             convert_adapter(source, folder / "adapter", base_model=str(Path(out).resolve()))
 
-    return _write_atomically(Path(out), write)
-
-
-def _base_weights(checkpoint: Path, config: ModelConfig) -> dict:
-    """The frozen base weights of a LoRA checkpoint, whose model.safetensors holds them under
-    peft's wrapped names (`...q_proj.base_layer.weight`) next to the adapters."""
-    from safetensors.torch import load_file
-
-    from xiaolm.model.transformer import Transformer
-
-    state = {name.replace(".base_layer.", "."): tensor
-             for name, tensor in load_file(str(checkpoint / "model.safetensors")).items() if "lora_" not in name}
-    import torch
-
-    with torch.device("meta"):  # names only, no memory
-        expected = set(Transformer(config).state_dict())
-    if config.tie_embeddings:
-        expected.discard("lm_head.weight")
-    if set(state) != expected:
-        raise ValueError(f"{checkpoint}: base weights do not fit the model config (missing "
-                         f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]})")
-    return state
+    return ckpt.write_new_folder(out, write)
 
 
 def convert_adapter(checkpoint: str | Path, out: str | Path, base_model: str | None = None) -> Path:
@@ -186,7 +141,8 @@ def convert_adapter(checkpoint: str | Path, out: str | Path, base_model: str | N
     config["base_model_name_or_path"] = base_model
 
     def write(folder: Path) -> None:
+        folder.mkdir()
         save_file(weights, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
-    return _write_atomically(Path(out), write)
+    return ckpt.write_new_folder(out, write)

@@ -156,7 +156,7 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
     tokens the tiny model learns short answers that end with <|im_end|> (measured against
     replies cut at 256 tokens in docs/benchmarks.md, "Learning to stop").
     """
-    from xiaolm.data.chat import build_chat_data, read_conversations
+    from xiaolm.data.chat import build_chat_data
     from xiaolm.train.align import run_dpo, run_sft
 
     def stage(name: str) -> float:
@@ -174,10 +174,7 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
     stages = [("pretrain", out / "pretrain")]
 
     started = stage("sft")
-    preset = TrainConfig.from_preset("sft")
-    batch_size = max(1, preset.batch_size * preset.seq_len // sft_seq_len)
-    cfg = TrainConfig.from_preset("sft", **{"out_dir": str(out / "sft"), "resume": True, "max_steps": sft_steps,
-                                            "seq_len": sft_seq_len, "batch_size": batch_size, **keep})
+    cfg = sft_config(sft_seq_len, out_dir=str(out / "sft"), resume=True, max_steps=sft_steps, **keep)
     result = run_sft(out / "pretrain", [chat_dir / "sft" / "train.jsonl"], cfg, val_data=[chat_dir / "sft" / "val.jsonl"])
     render_report(out / "sft")  # each stage's folder keeps its own curves
     summary["sft"] = {"steps": result.steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
@@ -196,11 +193,17 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
         timings["dpo"] = time.perf_counter() - started
 
     started = stage("chat samples")
-    held_out = [next(m["content"] for m in conversation if m["role"] == "user")
-                for conversation in read_conversations([chat_dir / "sft" / "val.jsonl"])[:HELD_OUT_PROMPTS]]
-    summary["chat"] = chat_samples(stages, held_out)
+    summary["chat"] = chat_samples(stages, held_out_prompts(chat_dir))
     timings["chat samples"] = time.perf_counter() - started
     summary.setdefault("extra_sections", []).append({"title": "Chat", "markdown": chat_markdown(summary)})
+
+
+def sft_config(seq_len: int, **overrides: Any) -> TrainConfig:
+    """The `sft` preset at `seq_len`, with the preset's tokens per step (the batch grows as the
+    sequence shrinks)."""
+    preset = TrainConfig.from_preset("sft")
+    batch_size = max(1, preset.batch_size * preset.seq_len // seq_len)
+    return TrainConfig.from_preset("sft", **{"seq_len": seq_len, "batch_size": batch_size, **overrides})
 
 
 HELD_OUT_PROMPTS = 30
@@ -208,30 +211,40 @@ HELD_OUT_PROMPTS = 30
 how often a model ends its answer itself, on more than the fixed questions."""
 
 
-def chat_samples(stages: list[tuple[str, Path]], held_out: list[str]) -> dict[str, Any]:
-    """Each model's answers, sampled with `xiaolm chat`'s settings (seeded per question), and whether
-    the model ended each answer itself: CHAT_QUESTIONS for every stage, `held_out` for the chat
-    stages (the pretrained model has never seen the template)."""
+def held_out_prompts(chat_dir: Path, limit: int = HELD_OUT_PROMPTS) -> list[str]:
+    """The first user message of each of the first `limit` conversations in CHAT/sft/val.jsonl."""
+    from xiaolm.data.chat import read_conversations
+
+    return [next(m["content"] for m in conversation if m["role"] == "user")
+            for conversation in read_conversations([chat_dir / "sft" / "val.jsonl"])[:limit]]
+
+
+def sample_answer(model, tokenizer, question: str, seed: int) -> tuple[str, str | None]:
+    """A fresh conversation's answer, sampled with `xiaolm chat`'s settings and `seed`, and the stop
+    token that ended it (None: the token limit did)."""
     from xiaolm.inference.chat import ChatSession
 
+    session = ChatSession(model, tokenizer, SamplingConfig(**CHAT_SAMPLING, seed=seed))
+    text = "".join(session.reply(question))
+    return text, None if session.last_stop_id is None else tokenizer.decode([session.last_stop_id])
+
+
+def chat_samples(stages: list[tuple[str, Path]], held_out: list[str]) -> dict[str, Any]:
+    """Each model's answers (`sample_answer`, seed = question number) and how each ended:
+    CHAT_QUESTIONS for every stage, `held_out` for the chat stages (the pretrained model has never
+    seen the template)."""
     answers: dict[str, list[dict[str, Any]]] = {}
     held: dict[str, dict[str, int]] = {}
     for name, checkpoint in stages:
         model, tokenizer = load_for_inference(checkpoint, "cpu")
-
-        def ask(question: str, seed: int) -> tuple[str, str | None]:
-            session = ChatSession(model, tokenizer, SamplingConfig(**CHAT_SAMPLING, seed=seed))
-            text = "".join(session.reply(question))
-            return text, None if session.last_stop_id is None else tokenizer.decode([session.last_stop_id])
-
         answers[name] = []
         for seed, question in enumerate(CHAT_QUESTIONS):
-            text, ended_by = ask(question, seed)
+            text, ended_by = sample_answer(model, tokenizer, question, seed)
             answers[name].append({"question": question, "answer": text, "ended_by": ended_by,
                                   "stopped": ended_by == IM_END})
             print(f"[{name}] {question} -> {text!r} (ended by {ended_by or 'the token limit'})")
         if name != "pretrain" and held_out:
-            ends = [ask(q, seed)[1] for seed, q in enumerate(held_out)]
+            ends = [sample_answer(model, tokenizer, q, seed)[1] for seed, q in enumerate(held_out)]
             held[name] = {"stopped": ends.count(IM_END), "asked": len(held_out)}
             print(f"[{name}] ended {held[name]['stopped']}/{len(held_out)} answers to held-out prompts with {IM_END}")
     return {"answers": answers, "held_out": held}

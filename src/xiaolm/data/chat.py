@@ -315,6 +315,11 @@ TRUNCATE_POLICIES = ("turns", "tokens")
 """How `truncate_conversation` and `tokenize_preference` fit what is longer than the sequence."""
 
 
+def _check_truncate(policy: str) -> None:
+    if policy not in TRUNCATE_POLICIES:
+        raise ValueError(f"truncate={policy!r}: expected one of {TRUNCATE_POLICIES}")
+
+
 def tokenize_preference(tokenizer: XiaoTokenizer, pair: PreferencePair, max_len: int, truncate: str = "turns"
                         ) -> tuple[list[int], list[int], list[int]] | None:
     """(prompt ids, chosen ids, rejected ids) fitted into max_len tokens each, or None if the pair
@@ -324,8 +329,7 @@ def tokenize_preference(tokenizer: XiaoTokenizer, pair: PreferencePair, max_len:
     it, if shorter). "turns": both replies must then fit whole, end token included, or the pair is
     dropped, as in SFT. "tokens": replies are cut to what is left (the prompt keeps at least half).
     """
-    if truncate not in TRUNCATE_POLICIES:
-        raise ValueError(f"truncate={truncate!r}: expected one of {TRUNCATE_POLICIES}")
+    _check_truncate(truncate)
     prompt = tokenizer.encode(render_chat(pair.prompt, add_generation_prompt=True))
     replies = [tokenizer.encode(reply) + [tokenizer.im_end_id] for reply in (pair.chosen, pair.rejected)]
     longest = max(len(r) for r in replies)
@@ -352,8 +356,7 @@ def truncate_conversation(ids: list[int], supervised: list[bool], max_tokens: in
     from a reply that runs off the end without its end token, which is what teaches a small model
     to stop. "tokens": cut at max_tokens, mid-reply if need be.
     """
-    if policy not in TRUNCATE_POLICIES:
-        raise ValueError(f"truncate={policy!r}: expected one of {TRUNCATE_POLICIES}")
+    _check_truncate(policy)
     if len(ids) <= max_tokens:
         return ids, supervised
     if policy == "tokens":

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,24 @@ def write_model_folder(
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
     _fsync_dir(directory)
+
+
+def write_new_folder(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` creates and fills a sibling folder that is then renamed to `out`, which must not
+    exist yet: an interrupted write leaves no half-written folder where a complete one is expected."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} already exists; choose a new folder")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def save_checkpoint(

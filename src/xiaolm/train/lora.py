@@ -84,33 +84,36 @@ def merge_lora(peft_model) -> Transformer:
     return peft_model.merge_and_unload()
 
 
-def load_any_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, XiaoTokenizer, dict[str, Any]]:
-    """`checkpoint.load_model`, except that a LoRA checkpoint is loaded with its adapters merged."""
+def load_lora_model(path: str | Path):
+    """A LoRA checkpoint as (PeftModel holding the base weights and the adapters, tokenizer, configs);
+    a clear error for a checkpoint without adapters."""
     checkpoint = ckpt.resolve_checkpoint(path)
     configs = ckpt.read_configs(checkpoint)
     if "lora" not in configs:
-        return ckpt.load_model(checkpoint, device)
+        raise ValueError(f"{checkpoint} is not a LoRA checkpoint (its config.json has no 'lora' section)")
     model = Transformer(from_dict(ModelConfig, configs["model"]))
     peft_model = apply_lora(model, LoraSettings(**configs["lora"]))
     ckpt.load_weights(model, checkpoint / ckpt.MODEL_FILE)
-    merged = merge_lora(peft_model)
-    tokenizer = load_tokenizer(checkpoint)
-    return merged.to(device), tokenizer, configs
+    return peft_model, load_tokenizer(checkpoint), configs
+
+
+def load_any_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, XiaoTokenizer, dict[str, Any]]:
+    """`checkpoint.load_model`, except that a LoRA checkpoint is loaded with its adapters merged."""
+    checkpoint = ckpt.resolve_checkpoint(path)
+    if "lora" not in ckpt.read_configs(checkpoint):
+        return ckpt.load_model(checkpoint, device)
+    peft_model, tokenizer, configs = load_lora_model(checkpoint)
+    return merge_lora(peft_model).to(device), tokenizer, configs
 
 
 def merge_checkpoint(path: str | Path, out: str | Path) -> Path:
     """Write the LoRA checkpoint at `path` as a plain (merged) checkpoint folder `out`."""
     checkpoint = ckpt.resolve_checkpoint(path)
-    if "lora" not in ckpt.read_configs(checkpoint):
-        raise ValueError(f"{checkpoint} is not a LoRA checkpoint (its config.json has no 'lora' section)")
-    out = Path(out)
-    if out.exists():
-        raise ValueError(f"{out} already exists; choose a new folder for the merged model")
-    model, tokenizer, configs = load_any_model(checkpoint)
-    configs = {k: v for k, v in configs.items() if k != "lora"}
-    configs["merged_from"] = {"checkpoint": str(checkpoint), "lora": ckpt.read_configs(checkpoint)["lora"]}
-    ckpt.write_model_folder(out, model, tokenizer, configs)
-    return out
+    peft_model, tokenizer, configs = load_lora_model(checkpoint)
+    merged_configs = {k: v for k, v in configs.items() if k != "lora"}
+    merged_configs["merged_from"] = {"checkpoint": str(checkpoint), "lora": configs["lora"]}
+    return ckpt.write_new_folder(out, lambda folder: ckpt.write_model_folder(folder, merge_lora(peft_model), tokenizer,
+                                                                            merged_configs))
 
 
 def settings_dict(settings: LoraSettings) -> dict[str, Any]:
