@@ -22,7 +22,7 @@ import torch
 
 from common import markdown_table, print_report
 from xiaolm.config import CHAT_SAMPLING
-from xiaolm.inference.session import load_for_inference
+from xiaolm.checkpoint import load_model
 from xiaolm.speedrun import CHAT_QUESTIONS, held_out_prompts, sample_answer, sft_config
 from xiaolm.tokenizer.bpe import IM_END
 from xiaolm.train.align import run_sft
@@ -33,7 +33,8 @@ VARIANTS = {"tokens@256": ("tokens", 256), "turns@256": ("turns", 256), "turns@1
 def stop_counts(checkpoint: Path, questions: dict[str, list[str]]) -> dict[str, tuple[int, int, float]]:
     """Per question set: (answers the model ended with <|im_end|>, questions, mean answer length in
     characters)."""
-    model, tokenizer = load_for_inference(checkpoint, "cpu")
+    loaded = load_model(checkpoint)
+    model, tokenizer = loaded.model, loaded.tokenizer
     counts = {}
     for name, prompts in questions.items():
         answers = [sample_answer(model, tokenizer, prompt, seed) for seed, prompt in enumerate(prompts)]

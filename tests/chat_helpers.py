@@ -4,7 +4,7 @@ from pathlib import Path
 
 from xiaolm.config import to_dict
 from xiaolm.model.transformer import Transformer
-from xiaolm.train.checkpoint import write_model_folder
+from xiaolm.checkpoint import write_model_folder
 
 from conftest import SAMPLE, tiny_model_config
 

@@ -87,7 +87,7 @@ def tiny_run(directory, tokenizer):
 
     from xiaolm.config import to_dict
     from xiaolm.model.transformer import Transformer
-    from xiaolm.train.checkpoint import write_model_folder
+    from xiaolm.checkpoint import write_model_folder
 
     from conftest import tiny_model_config
 

@@ -9,8 +9,8 @@ import torch
 from xiaolm.cli import main
 from xiaolm.hf import check_llama_compatible, export_hf
 from xiaolm.train.align import run_sft
-from xiaolm.train.checkpoint import load_model, resolve_checkpoint
-from xiaolm.train.lora import LoraSettings, load_any_model
+from xiaolm.checkpoint import load_model, resolve_checkpoint
+from xiaolm.model.lora import LoraSettings
 
 from chat_helpers import SFT_TRAIN, make_checkpoint
 from conftest import tiny_model_config, tiny_train_config
@@ -27,7 +27,7 @@ def test_export_gives_transformers_the_same_model(tmp_path, tokenizer):
     checkpoint = make_checkpoint(tmp_path / "ckpt", tokenizer)
     out = tmp_path / "hf"
     assert main(["export", "hf", "--ckpt", str(checkpoint), "--out", str(out)]) == 0
-    model, _, _ = load_model(checkpoint)
+    model = load_model(checkpoint).model
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
     assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()  # tied on load
@@ -51,10 +51,10 @@ def test_lora_adapter_loads_onto_the_exported_model(tmp_path, tokenizer):
     cfg = tiny_train_config(tmp_path / "lora", seq_len=64, max_steps=2, save_every=2, eval_every=0, lr=2e-2)
     run_sft(start, [SFT_TRAIN], cfg, val_fraction=0, truncate="tokens", lora=LoraSettings(rank=4, alpha=8))
     checkpoint = resolve_checkpoint(tmp_path / "lora")
-    lora_model, _, _ = load_any_model(checkpoint)  # adapters merged: the LoRA model's function
+    lora_model = load_model(checkpoint).model  # adapters merged: the LoRA model's function
     ids = torch.randint(0, tokenizer.vocab_size, (2, 24))
     expected = xiaolm_logits(lora_model, ids)
-    base_only = xiaolm_logits(load_model(start)[0], ids)
+    base_only = xiaolm_logits(load_model(start).model, ids)
     assert not torch.allclose(expected, base_only, atol=1e-4)  # the adapters do something
 
     out = export_hf(checkpoint, tmp_path / "hf-base", keep_adapter=True)

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from xiaolm.cli import main
 from xiaolm.model.transformer import Transformer
 from xiaolm.train.align import run_dpo, run_sft
-from xiaolm.train.checkpoint import load_model, resolve_checkpoint
-from xiaolm.train.lora import LoraSettings, apply_lora, load_any_model, merge_lora
+from xiaolm.checkpoint import load_model, resolve_checkpoint
+from xiaolm.model.lora import LoraSettings, apply_lora, merge_lora
 
 from chat_helpers import DPO_TRAIN, SFT_TRAIN, make_checkpoint
 from conftest import tiny_model_config, tiny_train_config
@@ -48,7 +48,7 @@ def test_lora_sft_resumes_saves_peft_adapters_and_merges(tmp_path, tokenizer):
     assert json.loads((checkpoint / "adapter_config.json").read_text())["r"] == 4
     adapter = load_file(str(checkpoint / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k and k.startswith("base_model.model.layers.") for k in adapter)
-    base, _, _ = load_model(start)
+    base = load_model(start).model
     # the frozen base weights are unchanged; the adapters moved
     saved = load_file(str(checkpoint / "model.safetensors"))
     torch.testing.assert_close(saved["layers.0.attn.q_proj.base_layer.weight"], base.layers[0].attn.q_proj.weight)
@@ -59,8 +59,9 @@ def test_lora_sft_resumes_saves_peft_adapters_and_merges(tmp_path, tokenizer):
     lora_model = PeftModel.from_pretrained(base, str(checkpoint)).eval()
     merged_out = tmp_path / "merged"
     assert main(["lora", "merge", "--ckpt", str(tmp_path / "a"), "--out", str(merged_out)]) == 0
-    merged, _, configs = load_model(merged_out)
-    on_the_fly, _, _ = load_any_model(tmp_path / "a")
+    merged = load_model(merged_out)
+    merged, configs = merged.model, merged.configs
+    on_the_fly = load_model(tmp_path / "a").model
     ids = torch.randint(0, tokenizer.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(ids), lora_model(ids), atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ from xiaolm.model.moe import (
     num_active_parameters,
 )
 from xiaolm.model.transformer import FeedForward, Transformer
-from xiaolm.train import checkpoint as ckpt
+from xiaolm import checkpoint as ckpt
 from xiaolm.train.pretrain import pretrain
 from xiaolm.train.stages import next_token_loss
 
@@ -213,8 +213,8 @@ def test_moe_trains_logs_load_and_resumes_exactly(tmp_path, tokenizer, shards):
     resumed = tiny_train_config(tmp_path / "half", max_steps=8, save_every=4, log_every=2, resume=True)
     pretrain(tiny_moe_config(**model_cfg), resumed, tokenizer, *shards)
     assert [r["loss"] for r in records(tmp_path / "half") if "tok_per_s" in r] == [r["loss"] for r in logged]
-    a = ckpt.load_model(tmp_path / "full")[0].state_dict()
-    b = ckpt.load_model(tmp_path / "half")[0].state_dict()
+    a = ckpt.load_model(tmp_path / "full").model.state_dict()
+    b = ckpt.load_model(tmp_path / "half").model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     bias = a["layers.1.mlp.expert_bias"]
     assert bias.abs().sum() > 0  # the routing bias moved, was saved, and resumed exactly

@@ -8,7 +8,7 @@ from xiaolm.cli import main
 from xiaolm.data.chat import build_sft_data
 from xiaolm.model.transformer import Transformer
 from xiaolm.train.align import masked_forward, run_sft
-from xiaolm.train.checkpoint import load_model
+from xiaolm.checkpoint import load_model
 
 from chat_helpers import SFT_TRAIN, SFT_VAL, make_checkpoint
 from conftest import tiny_model_config, tiny_train_config
@@ -47,7 +47,7 @@ def test_sft_trains_validates_and_resumes_exactly(tmp_path, tokenizer):
     metrics = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses[-1] < losses[0] and "val_loss" in result.last_eval
-    model, _, configs = load_model(tmp_path / "a")  # an SFT checkpoint is a plain checkpoint
+    configs = load_model(tmp_path / "a").configs  # an SFT checkpoint is a plain checkpoint
     assert configs["stage"]["name"] == "sft" and configs["sft"]["pack"] and configs["sft"]["truncate"] == "tokens"
     # killed after step 2, resumed: the same losses as the run that was never interrupted
     cfg_b = tiny_train_config(tmp_path / "b", seq_len=64, max_steps=4, save_every=2, eval_every=4, eval_batches=1,

@@ -7,10 +7,11 @@ import torch
 
 from xiaolm.data.shards import PackedTokens
 from xiaolm.model.transformer import Transformer
-from xiaolm.train import checkpoint as ckpt
-from xiaolm.train.distributed import cpu_has_native_bf16
+from xiaolm import checkpoint as ckpt
+from xiaolm.runtime import cpu_has_native_bf16
 from xiaolm.train.loop import TrainingDiverged, train
-from xiaolm.train.pretrain import pretrain, token_num_bytes
+from xiaolm.eval.ppl import token_num_bytes
+from xiaolm.train.pretrain import pretrain
 from xiaolm.train.stages import pretrain_stage
 
 from conftest import tiny_model_config, tiny_train_config
@@ -28,7 +29,8 @@ def test_loss_falls_and_checkpoint_loads(tmp_path, tokenizer, shards):
     assert math.isfinite(result.last_eval["val_bpb"]) and result.last_eval["val_bpb"] > 0
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert kept == ["step_000020", "step_000030"]
-    model, tok, configs = ckpt.load_model(tmp_path / "run")
+    loaded = ckpt.load_model(tmp_path / "run")
+    model, tok, configs = loaded.model, loaded.tokenizer, loaded.configs
     assert configs["model"]["hidden_size"] == 64 and tok.vocab_size == tokenizer.vocab_size
     assert "lm_head.weight" not in ckpt.model_state_for_saving(model)  # tied: stored once
 
@@ -42,8 +44,8 @@ def test_resume_continues_exactly(tmp_path, tokenizer, shards):
     resumed = tiny_train_config(tmp_path / "half", max_steps=12, save_every=6, resume=True)
     pretrain(tiny_model_config(dropout=0.1), resumed, tokenizer, *shards)
     assert losses(tmp_path / "half") == losses(tmp_path / "full")  # bit for bit, dropout included
-    a = ckpt.load_model(tmp_path / "full")[0].state_dict()
-    b = ckpt.load_model(tmp_path / "half")[0].state_dict()
+    a = ckpt.load_model(tmp_path / "full").model.state_dict()
+    b = ckpt.load_model(tmp_path / "half").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -96,7 +98,7 @@ def test_nonfinite_loss_skips_updates_then_stops(tmp_path, tokenizer, shards):
         train(model, stage, cfg, tokenizer=tokenizer, configs={})
     # no checkpoint is written during a non-finite streak: the latest is the last good step
     assert ckpt.resolve_checkpoint(tmp_path / "run").name == "step_000004"
-    saved = ckpt.load_model(tmp_path / "run")[0]
+    saved = ckpt.load_model(tmp_path / "run").model
     assert all(torch.isfinite(p).all() for p in saved.parameters())
     # the skipped updates left the weights as they were at step 4
     assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), model.parameters()))
@@ -113,7 +115,7 @@ def test_mixed_precision_trains(tmp_path, tokenizer, shards, precision):
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["precision"] == precision
     # master weights stay fp32 in the checkpoint whatever the compute precision
-    model = ckpt.load_model(result.checkpoint)[0]
+    model = ckpt.load_model(result.checkpoint).model
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 

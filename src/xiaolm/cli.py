@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_lora_flags(parser: argparse.ArgumentParser) -> None:
-    from xiaolm.train.lora import DEFAULT_TARGETS
+    from xiaolm.model.lora import DEFAULT_TARGETS
 
     group = parser.add_argument_group("LoRA (peft; pip install 'xiaolm[lora]')")
     group.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
@@ -184,7 +184,7 @@ def _add_chat_data_flags(parser: argparse.ArgumentParser, preference: bool = Fal
 
 
 def add_alignment_commands(commands) -> None:
-    """sft, dpo, distill, lora merge and chat (train/align.py, train/lora.py, inference/chat.py)."""
+    """sft, dpo, distill, lora merge and chat (train/align.py, model/lora.py, inference/chat.py)."""
     sft = commands.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant tokens)")
     sft.add_argument("--from", dest="from_ckpt", type=Path, required=True, help="checkpoint or run folder to start from")
     _add_chat_data_flags(sft)
@@ -315,9 +315,10 @@ def tokenizer_stats(tokenizer, texts) -> dict[str, float]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from xiaolm.data.shards import tokenize_files
+    from xiaolm.runtime import barrier, setup_runtime, shutdown_distributed
     from xiaolm.tokenizer.bpe import load_tokenizer
-    from xiaolm.train.distributed import barrier, init_distributed, resolve_device, shutdown_distributed
-    from xiaolm.train.pretrain import pretrain, tokenize_files
+    from xiaolm.train.pretrain import pretrain
 
     tokenizer = load_tokenizer(args.tokenizer)
     model_cfg = ModelConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size,
@@ -326,14 +327,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     out = Path(train_cfg.out_dir)
     val = out / "tokens" / "val" if args.val_data else None
     # under torchrun one process per node tokenizes; the others wait for its shards
-    ctx = init_distributed(resolve_device(train_cfg.device).type)
+    runtime = setup_runtime(train_cfg.device, train_cfg.precision)
+    ctx = runtime.ctx
     if ctx.local_rank == 0:
         tokenize_files(args.data, tokenizer, out / "tokens" / "train", text_field=args.text_field,
                        skip_bad=args.skip_bad)
         if val is not None:
             tokenize_files(args.val_data, tokenizer, val, text_field=args.text_field, skip_bad=args.skip_bad)
     barrier(ctx)
-    result = pretrain(model_cfg, train_cfg, tokenizer, out / "tokens" / "train", val)
+    result = pretrain(model_cfg, train_cfg, tokenizer, out / "tokens" / "train", val, runtime=runtime)
     if ctx.is_main:
         print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
               f"checkpoint {result.checkpoint}")
@@ -345,10 +347,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from xiaolm.checkpoint import load_model
     from xiaolm.inference.generate import SamplingConfig
-    from xiaolm.inference.session import load_for_inference, stream_completion
+    from xiaolm.inference.session import stream_completion
 
-    model, tokenizer = load_for_inference(args.ckpt, args.device)
+    loaded = load_model(args.ckpt, args.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     for prompt in args.prompt:
@@ -369,11 +373,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         manifest = build_exams(args.out, default_cache_dir() / "packages", seed=args.seed, subjects=args.subjects)
         print(f"exam set at {args.out}: " + ", ".join(f"{k} {v['val']} val" for k, v in manifest["subjects"].items()))
         return 0
+    from xiaolm.checkpoint import load_model
     from xiaolm.eval.report import evals_dir
-    from xiaolm.train.checkpoint import load_model
-    from xiaolm.train.distributed import resolve_device
 
-    model, tokenizer, _ = load_model(args.ckpt, resolve_device(args.device))
+    loaded = load_model(args.ckpt, args.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     out = args.out or evals_dir(args.ckpt)
     if args.eval_command == "ppl":
         from xiaolm.eval.ppl import evaluate_text
@@ -426,7 +430,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
 def _lora_settings(args: argparse.Namespace):
     if not args.lora:
         return None
-    from xiaolm.train.lora import LoraSettings
+    from xiaolm.model.lora import LoraSettings
 
     return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
 
@@ -478,9 +482,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_lora(args: argparse.Namespace) -> int:
-    from xiaolm.train.lora import merge_checkpoint
+    from xiaolm.checkpoint import merge_lora_checkpoint
 
-    print(f"merged model written to {merge_checkpoint(args.ckpt, args.out)}")
+    print(f"merged model written to {merge_lora_checkpoint(args.ckpt, args.out)}")
     return 0
 
 

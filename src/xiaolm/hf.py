@@ -90,18 +90,17 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, keep_adapter: bool = F
     A LoRA checkpoint is merged, unless `keep_adapter`: then `out` holds the base weights and
     `out/adapter` the adapter under transformers' module names (`PeftModel.from_pretrained`).
     """
-    from xiaolm.config import from_dict
-    from xiaolm.train import checkpoint as ckpt
-    from xiaolm.train.lora import load_any_model, load_lora_model
+    from xiaolm import checkpoint as ckpt
 
-    source = ckpt.resolve_checkpoint(checkpoint)
-    config = from_dict(ModelConfig, ckpt.read_configs(source)["model"])
+    loaded = ckpt.load_model(checkpoint, merge_lora=not keep_adapter)  # a LoRA checkpoint comes merged
+    source, config, tokenizer = loaded.path, loaded.config, loaded.tokenizer
     check_llama_compatible(config)
     if keep_adapter:
-        peft_model, tokenizer, _ = load_lora_model(source)
-        model = peft_model.unload()  # the base weights, adapters removed unmerged
+        if loaded.peft_model is None:
+            raise ValueError(f"{source} is not a LoRA checkpoint (its config.json has no 'lora' section)")
+        model = loaded.peft_model.unload()  # the base weights, adapters removed unmerged
     else:
-        model, tokenizer, _ = load_any_model(source)  # a LoRA checkpoint comes merged
+        model = loaded.model
     eos_ids = [tokenizer.im_end_id, tokenizer.eos_id]
 
     def write(folder: Path) -> None:
@@ -123,7 +122,7 @@ def convert_adapter(checkpoint: str | Path, out: str | Path, base_model: str | N
     carries over."""
     from safetensors.torch import load_file, save_file
 
-    from xiaolm.train import checkpoint as ckpt
+    from xiaolm import checkpoint as ckpt
 
     source = ckpt.resolve_checkpoint(checkpoint)
     if not (source / ADAPTER_CONFIG).is_file() or not (source / ADAPTER_WEIGHTS).is_file():

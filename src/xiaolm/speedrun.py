@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xiaolm.checkpoint import load_model
 from xiaolm.config import CHAT_SAMPLING, ModelConfig, TrainConfig, to_dict
 from xiaolm.data.readers import iter_documents
 from xiaolm.data.shards import read_meta, write_shards
@@ -18,7 +19,7 @@ from xiaolm.eval.mcq import McqConfig, evaluate_mcq, load_exam, write_mcq_result
 from xiaolm.eval.ppl import evaluate_shards
 from xiaolm.eval.report import render_report
 from xiaolm.inference.generate import SamplingConfig
-from xiaolm.inference.session import load_for_inference, stream_completion
+from xiaolm.inference.session import stream_completion
 from xiaolm.tokenizer.bpe import IM_END, load_tokenizer, train_tokenizer
 from xiaolm.train.pretrain import pretrain
 from xiaolm.utils import spread_sample
@@ -104,7 +105,8 @@ def speedrun(
                            "checkpoint": str(result.checkpoint), **result.last_eval}
 
     started = stage("samples")
-    model, tokenizer = load_for_inference(out / "pretrain", "cpu")
+    loaded = load_model(out / "pretrain")
+    model, tokenizer = loaded.model, loaded.tokenizer
     summary["num_parameters"] = model.num_parameters()
     sampling = SamplingConfig(max_new_tokens=60, temperature=0.8, top_p=0.95, repetition_penalty=1.1, seed=0)
     samples = []
@@ -236,7 +238,8 @@ def chat_samples(stages: list[tuple[str, Path]], held_out: list[str]) -> dict[st
     answers: dict[str, list[dict[str, Any]]] = {}
     held: dict[str, dict[str, int]] = {}
     for name, checkpoint in stages:
-        model, tokenizer = load_for_inference(checkpoint, "cpu")
+        loaded = load_model(checkpoint)
+        model, tokenizer = loaded.model, loaded.tokenizer
         answers[name] = []
         for seed, question in enumerate(CHAT_QUESTIONS):
             text, ended_by = sample_answer(model, tokenizer, question, seed)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +111,29 @@ def write_shards(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)
+    return meta
+
+
+def tokenize_files(
+    paths: Sequence[str | Path],
+    tokenizer: XiaoTokenizer,
+    out_dir: str | Path,
+    *,
+    text_field: str = "text",
+    skip_bad: bool = False,
+) -> dict:
+    """Tokenize user files (data/readers.py formats) into shards at `out_dir`, reusing them while
+    the inputs are unchanged."""
+    from xiaolm.data.readers import ReadStats, iter_documents
+
+    stats = ReadStats()
+    key = f"{fingerprint_paths(paths)}|{text_field}|skip_bad={skip_bad}"
+    meta = write_shards(
+        iter_documents(paths, text_field=text_field, skip_bad=skip_bad, stats=stats), tokenizer, out_dir,
+        source_key=key,
+    )
+    if stats.num_bad:
+        print(f"skipped {stats.num_bad} bad record(s); first: {stats.bad_examples[:3]}")
     return meta
 
 

@@ -1,7 +1,7 @@
 """Loss, perplexity and bits-per-byte of a model on held-out text.
 
 The text is tokenized into shards (reused while the files and tokenizer are unchanged) and scored
-by the same `evaluate_packed` that validation uses during training, so the numbers match the
+by `evaluate_packed`, which pretraining's validation also uses, so the numbers match the
 `val_loss` / `val_bpb` of metrics.jsonl. Bits-per-byte divides by the UTF-8 bytes behind the target
 tokens, which makes models with different tokenizers comparable.
 """
@@ -10,17 +10,50 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from xiaolm.data.shards import PackedTokens
+from xiaolm.data.shards import PackedTokens, tokenize_files
+from xiaolm.runtime import DistContext, all_reduce_sum, rank_batches
 from xiaolm.tokenizer.bpe import XiaoTokenizer
-from xiaolm.train.distributed import DistContext
-from xiaolm.train.pretrain import token_num_bytes, tokenize_files
-from xiaolm.train.stages import evaluate_packed
+
+
+def token_num_bytes(tokenizer: XiaoTokenizer) -> torch.Tensor:
+    """Bytes of text behind each token id; special tokens stand for no text."""
+    table = [0 if i in tokenizer.special_ids else len(b) for i, b in enumerate(tokenizer.token_bytes())]
+    return torch.tensor(table, dtype=torch.float64)
+
+
+def evaluate_packed(
+    data: PackedTokens, token_num_bytes: torch.Tensor, batch_size: int, num_batches: int
+) -> Callable[[nn.Module, DistContext, Callable], dict[str, float]]:
+    """Validation loss and bits-per-byte over the first windows of `data`, split across ranks.
+
+    Bits-per-byte = total nats / ln 2 / total bytes of the target tokens: the loss of a model
+    per byte of text, comparable across tokenizers.
+    """
+
+    def evaluate(model: nn.Module, ctx: DistContext, autocast: Callable) -> dict[str, float]:
+        device = next(model.parameters()).device
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+        byte_table = token_num_bytes.to(device)
+        for windows in rank_batches(data.num_windows, batch_size, num_batches, ctx):
+            inputs, targets = data.batch(windows.start, len(windows))
+            inputs, targets = inputs.to(device), targets.to(device)
+            with autocast():
+                logits = model(inputs)
+            nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            totals += torch.stack([nats.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=device),
+                                   byte_table[targets].sum().double()])
+        nats, tokens, num_bytes = all_reduce_sum(totals, ctx).tolist()
+        return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(num_bytes, 1.0)}
+
+    return evaluate
 
 
 def evaluate_text(

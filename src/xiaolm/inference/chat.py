@@ -112,13 +112,11 @@ def run_chat(checkpoint: str | Path, sampling: SamplingConfig, *, system: str | 
              stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """The `xiaolm chat` loop. Interactive on a terminal; with piped input each line is one user
     message and the transcript (user and assistant lines) goes to stdout."""
-    from xiaolm.train.distributed import resolve_device
-    from xiaolm.train.lora import load_any_model
+    from xiaolm.checkpoint import load_model
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    model, tokenizer, _ = load_any_model(checkpoint, resolve_device(device))
-    model.eval()
-    session = ChatSession(model, tokenizer, sampling, system)
+    loaded = load_model(checkpoint, device)
+    session = ChatSession(loaded.model, loaded.tokenizer, sampling, system)
     interactive = stdin.isatty()
     if interactive:
         stdout.write(f"xiaolm chat with {checkpoint} ({HELP})\n")

@@ -1,24 +1,14 @@
-"""Load a checkpoint for inference and stream completions as text."""
+"""Stream completions of a prompt as text."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from xiaolm.inference.generate import SamplingConfig, TextStreamer, generate_tokens
 from xiaolm.model.transformer import Transformer
 from xiaolm.tokenizer.bpe import XiaoTokenizer
-from xiaolm.train.checkpoint import load_model
-from xiaolm.train.distributed import resolve_device
-
-
-def load_for_inference(path: str | Path, device: str = "auto") -> tuple[Transformer, XiaoTokenizer]:
-    model, tokenizer, _ = load_model(path, resolve_device(device))
-    model.eval()
-    return model, tokenizer
-
 
 def stream_completion(
     model: Transformer, tokenizer: XiaoTokenizer, prompt: str, sampling: SamplingConfig

@@ -1,7 +1,7 @@
 """Alignment stages on the one training loop: SFT, DPO and distillation, each data + loss +
 trainable parameters (`sft_stage`, `dpo_stage`, `distill_stage`), plus the runners the CLI and
 speedrun call (`run_sft`, `run_dpo`, `run_distill`), which load the starting checkpoint, add LoRA
-adapters when asked (train/lora.py) and hand everything to `train`.
+adapters when asked (model/lora.py) and hand everything to `train`.
 
 Packed SFT keeps conversations apart with a block-diagonal causal attention mask built from
 per-token document ids. Positions are not reset per conversation: with RoPE, attention depends
@@ -45,12 +45,13 @@ from xiaolm.data.chat import (
     split_held_out,
     tokenize_preference,
 )
+from xiaolm.checkpoint import load_model
 from xiaolm.data.readers import ReadStats
 from xiaolm.model.transformer import Transformer
+from xiaolm.runtime import DistContext, Runtime, all_reduce_sum, rank_batches, seeded, setup_runtime
 from xiaolm.tokenizer.bpe import XiaoTokenizer
-from xiaolm.train.distributed import DistContext, all_reduce_sum
 from xiaolm.train.loop import Batch, Stage, TrainResult, train
-from xiaolm.train.stages import add_aux_loss, eval_batches, masked_forward, next_token_loss
+from xiaolm.train.stages import add_aux_loss, masked_forward, next_token_loss
 
 # --------------------------------------------------------------------------- SFT
 
@@ -95,7 +96,7 @@ def evaluate_sft(data: SftData, batch_size: int, num_batches: int, packed: bool)
     def evaluate(model: nn.Module, ctx: DistContext, autocast: Callable) -> dict[str, float]:
         device = next(model.parameters()).device
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # nats, supervised tokens
-        for rows in eval_batches(data.num_rows, batch_size, num_batches, ctx):
+        for rows in rank_batches(data.num_rows, batch_size, num_batches, ctx):
             batch = {k: v.to(device) for k, v in sft_batch(data, torch.tensor(rows), packed).items()}
             with autocast():
                 logits = masked_forward(model, batch)
@@ -200,14 +201,18 @@ def dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: fl
 
 @torch.no_grad()
 def compute_reference_logps(reference: nn.Module, data: PreferenceData, batch_size: int,
-                            device: torch.device | str = "cpu") -> torch.Tensor:
-    """The frozen reference's summed reply log-probabilities for every pair, (N, 2), computed once."""
-    reference = reference.to(device).eval()
+                            runtime: Runtime | None = None) -> torch.Tensor:
+    """The frozen reference's summed reply log-probabilities for every pair, (N, 2), computed once,
+    on the runtime's device and in its precision (the training forward's autocast)."""
+    runtime = runtime or Runtime(torch.device("cpu"), "fp32")
+    reference = reference.to(runtime.device).eval()
     out = torch.zeros(data.num_pairs, 2)
     for start in range(0, data.num_pairs, batch_size):
         indices = list(range(start, min(start + batch_size, data.num_pairs)))
-        batch = preference_batch(data, indices)
-        logps = sequence_logps(reference(batch["inputs"].to(device)), batch["targets"].to(device)).cpu()
+        batch = {k: v.to(runtime.device) for k, v in preference_batch(data, indices).items()}
+        with runtime.autocast():
+            logits = reference(batch["inputs"])
+        logps = sequence_logps(logits, batch["targets"]).cpu()
         chosen, rejected = logps.chunk(2)
         out[start: start + len(indices)] = torch.stack([chosen, rejected], dim=1)
     return out
@@ -269,7 +274,7 @@ def dpo_stage(train_data: PreferenceData, val_data: PreferenceData | None, cfg: 
         device = next(model.parameters()).device
         val_meter = _RewardMeter()
         losses = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, pairs
-        for indices in eval_batches(val_data.num_pairs, cfg.batch_size, cfg.eval_batches, ctx):
+        for indices in rank_batches(val_data.num_pairs, cfg.batch_size, cfg.eval_batches, ctx):
             batch = {k: v.to(device) for k, v in preference_batch(val_data, indices).items()}
             with autocast():
                 policy = sequence_logps(model(batch["inputs"]), batch["targets"])
@@ -351,16 +356,16 @@ def fit_seq_len(cfg: TrainConfig, *models: Transformer) -> TrainConfig:
 def _with_lora(model: Transformer, lora, seed: int) -> tuple[Any, Callable | None, dict]:
     if lora is None:
         return None, None, {}
-    from xiaolm.train.distributed import seed_everything
-    from xiaolm.train.lora import apply_lora, lora_parameters, settings_dict
+    from xiaolm.model.lora import apply_lora, lora_parameters, settings_dict
 
-    seed_everything(seed)  # the adapters' random initialisation is part of the run
-    return apply_lora(model, lora), lora_parameters, {"lora": settings_dict(lora)}
+    with seeded(seed):  # the adapters' random initialisation is part of the run
+        peft_model = apply_lora(model, lora)
+    return peft_model, lora_parameters, {"lora": settings_dict(lora)}
 
 
 def _finish(result: TrainResult, peft_model) -> TrainResult:
     if peft_model is not None and result.checkpoint is not None:
-        from xiaolm.train.lora import save_adapter
+        from xiaolm.model.lora import save_adapter
 
         save_adapter(peft_model, result.checkpoint)
     return result
@@ -410,9 +415,8 @@ def run_sft(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
             val_data: Sequence[str | Path] | None = None, fmt: str = "auto", pack: bool = True,
             truncate: str = "turns", val_fraction: float = 0.05, skip_bad: bool = False, lora=None,
             stop_after_steps: int | None = None) -> TrainResult:
-    from xiaolm.train.checkpoint import load_model
-
-    model, tokenizer, _ = load_model(from_checkpoint)
+    start = load_model(from_checkpoint)
+    model, tokenizer = start.model, start.tokenizer
     cfg = fit_seq_len(cfg, model)
     train_items, val_items = load_chat_splits(data, val_data, fmt=fmt, val_fraction=val_fraction, skip_bad=skip_bad)
     train_data = build_sft_data(train_items, tokenizer, cfg.seq_len, pack=pack, seed=cfg.seed, truncate=truncate)
@@ -434,14 +438,13 @@ def run_dpo(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
             skip_bad: bool = False, lora=None,
             stop_after_steps: int | None = None) -> TrainResult:
     """DPO from `from_checkpoint`; the reference is `reference_checkpoint` or the starting model."""
-    from xiaolm.train.checkpoint import load_model
-    from xiaolm.train.distributed import resolve_device
-
-    model, tokenizer, _ = load_model(from_checkpoint)
+    start = load_model(from_checkpoint)
+    model, tokenizer = start.model, start.tokenizer
     cfg = fit_seq_len(cfg, model)
     if reference_checkpoint is not None:
-        reference, ref_tokenizer, _ = load_model(reference_checkpoint)
-        check_same_tokenizer(ref_tokenizer, tokenizer)
+        loaded = load_model(reference_checkpoint)
+        reference = loaded.model
+        check_same_tokenizer(loaded.tokenizer, tokenizer)
     else:
         reference = copy.deepcopy(model)
     train_items, val_items = load_chat_splits(data, val_data, val_fraction=val_fraction, skip_bad=skip_bad,
@@ -450,17 +453,18 @@ def run_dpo(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
     val = held_out_data(lambda items: build_preference_data(items, tokenizer, cfg.seq_len, truncate), val_items)
     print(f"preference pairs: {train_data.num_pairs} train ({train_data.num_dropped} dropped), "
           f"{val.num_pairs if val else 0} val")
+    runtime = setup_runtime(cfg.device, cfg.precision)
     if precompute_reference:
-        device = resolve_device(cfg.device)
-        train_data.reference_logps = compute_reference_logps(reference, train_data, cfg.batch_size, device)
+        train_data.reference_logps = compute_reference_logps(reference, train_data, cfg.batch_size, runtime)
         if val is not None:
-            val.reference_logps = compute_reference_logps(reference, val, cfg.batch_size, device)
+            val.reference_logps = compute_reference_logps(reference, val, cfg.batch_size, runtime)
         reference = None  # freed: the loop never runs it
     peft_model, trainable, lora_configs = _with_lora(model, lora, cfg.seed)
     stage = dpo_stage(train_data, val, cfg, beta=beta, reference=reference, trainable=trainable)
     configs = {"dpo": {"from": str(from_checkpoint), "reference": str(reference_checkpoint or from_checkpoint),
                        "precompute_reference": precompute_reference, "truncate": truncate}, **lora_configs}
-    result = train(model, stage, cfg, tokenizer=tokenizer, configs=configs, stop_after_steps=stop_after_steps)
+    result = train(model, stage, cfg, tokenizer=tokenizer, configs=configs, runtime=runtime,
+                   stop_after_steps=stop_after_steps)
     return _finish(result, peft_model)
 
 
@@ -473,17 +477,17 @@ def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Seque
     """Distil `teacher_checkpoint` into `student`: a checkpoint (same tokenizer required) or a model
     preset name (a fresh model with the teacher's tokenizer; `student_overrides` change its shape)."""
     from xiaolm.config import MODEL_PRESETS, ModelConfig
-    from xiaolm.train.checkpoint import load_model
-    from xiaolm.train.distributed import seed_everything
 
-    teacher, tokenizer, _ = load_model(teacher_checkpoint)
+    loaded = load_model(teacher_checkpoint)
+    teacher, tokenizer = loaded.model, loaded.tokenizer
     if Path(student).exists():
-        model, student_tokenizer, _ = load_model(student)
-        check_same_tokenizer(tokenizer, student_tokenizer)
+        loaded = load_model(student)
+        model = loaded.model
+        check_same_tokenizer(tokenizer, loaded.tokenizer)
     elif str(student) in MODEL_PRESETS:
-        seed_everything(cfg.seed)
-        model = Transformer(ModelConfig.from_preset(str(student), vocab_size=tokenizer.vocab_size,
-                                                    **(student_overrides or {})))
+        with seeded(cfg.seed):
+            model = Transformer(ModelConfig.from_preset(str(student), vocab_size=tokenizer.vocab_size,
+                                                        **(student_overrides or {})))
     else:
         raise ValueError(f"--student {student}: no checkpoint there and not a model preset ({sorted(MODEL_PRESETS)})")
     cfg = fit_seq_len(cfg, model, teacher)

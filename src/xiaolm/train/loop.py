@@ -1,5 +1,5 @@
-"""THE training loop. Every stage (pretraining now; SFT, DPO, ... later) runs through `train`;
-a stage differs only in its data, its loss and which parameters it trains.
+"""THE training loop. Every stage (pretraining, SFT, DPO, distillation, with or without LoRA) runs
+through `train`; a stage differs only in its data, its loss and which parameters it trains.
 """
 
 from __future__ import annotations
@@ -26,18 +26,9 @@ from xiaolm.config import (
     save_json,
     to_dict,
 )
+from xiaolm import checkpoint as ckpt
+from xiaolm.runtime import DistContext, Runtime, all_reduce_sum, run_info, seed_everything, setup_runtime
 from xiaolm.tokenizer.bpe import XiaoTokenizer
-from xiaolm.train import checkpoint as ckpt
-from xiaolm.train.distributed import (
-    DistContext,
-    all_reduce_sum,
-    autocast_dtype,
-    init_distributed,
-    resolve_device,
-    resolve_precision,
-    run_info,
-    seed_everything,
-)
 from xiaolm.train.optim import build_optimizer, learning_rate
 
 Batch = dict[str, torch.Tensor]
@@ -136,21 +127,20 @@ def train(
     *,
     tokenizer: XiaoTokenizer,
     configs: dict[str, Any] | None = None,
+    runtime: Runtime | None = None,
     stop_after_steps: int | None = None,
 ) -> TrainResult:
     """Train `model` (built, on CPU, fp32) through `stage` as `cfg` says.
 
     The model's config, `cfg`, the stage's identity and `configs` (anything else that defines
-    the run) go into every checkpoint, and a resume must match them. `stop_after_steps` ends the run early, as a kill after that step's checkpoint
-    would: the schedule still follows cfg.max_steps.
+    the run) go into every checkpoint, and a resume must match them. `runtime` is the process's
+    device, precision and process group when the caller set them up already (`setup_runtime`),
+    else they come from cfg.device and cfg.precision. `stop_after_steps` ends the run early, as a
+    kill after that step's checkpoint would: the schedule still follows cfg.max_steps.
     """
     run_dir = Path(cfg.out_dir)
-    device = resolve_device(cfg.device)
-    ctx = init_distributed(device.type)
-    if ctx.enabled:
-        device = resolve_device(cfg.device, ctx.local_rank)
-    precision = resolve_precision(cfg.precision, device)
-    amp_dtype = autocast_dtype(precision)
+    runtime = runtime or setup_runtime(cfg.device, cfg.precision)
+    device, precision, ctx = runtime.device, runtime.precision, runtime.ctx
     seed_everything(cfg.seed + ctx.rank)
     configs = {"model": to_dict(model.config), **(configs or {}), "train": to_dict(cfg),
                "stage": {"name": stage.name, **stage.identity}}
@@ -184,13 +174,9 @@ def train(
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_json(run_dir / "config.json", configs)
-        save_json(run_dir / "run_info.json", run_info(device, precision, ctx))
+        save_json(run_dir / "run_info.json", run_info(runtime))
     log = MetricsLog(run_dir, cfg, start_step, ctx.is_main, configs)
-
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    autocast = runtime.autocast
 
     progress = None
     if ctx.is_main and cfg.progress:

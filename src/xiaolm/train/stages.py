@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,7 +9,7 @@ from torch import nn
 from xiaolm.config import TrainConfig
 from xiaolm.data.chat import document_mask
 from xiaolm.data.shards import PackedTokens
-from xiaolm.train.distributed import DistContext, all_reduce_sum
+from xiaolm.eval.ppl import evaluate_packed
 from xiaolm.train.loop import Batch, Stage, unwrap_model
 
 
@@ -39,46 +36,6 @@ def add_aux_loss(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
     inner = unwrap_model(model)
     aux = inner.aux_loss() if hasattr(inner, "aux_loss") else None
     return loss if aux is None else loss + aux
-
-
-def eval_batches(num_items: int, batch_size: int, num_batches: int, ctx: DistContext) -> Iterator[range]:
-    """This rank's share of the first items of a validation set, in batches of item indices.
-
-    The same items whatever the world size: num_batches * batch_size per process, so W processes
-    with batch B see what one process with batch W * B sees. Every stage's `evaluate` uses it.
-    """
-    total = min(num_items, num_batches * batch_size * ctx.world_size)
-    per_rank = total // ctx.world_size
-    first = ctx.rank * per_rank
-    for start in range(first, first + per_rank, batch_size):
-        yield range(start, min(start + batch_size, first + per_rank))
-
-
-def evaluate_packed(
-    data: PackedTokens, token_num_bytes: torch.Tensor, batch_size: int, num_batches: int
-) -> Callable[[nn.Module, DistContext, Callable], dict[str, float]]:
-    """Validation loss and bits-per-byte over the first windows of `data`, split across ranks.
-
-    Bits-per-byte = total nats / ln 2 / total bytes of the target tokens: the loss of a model
-    per byte of text, comparable across tokenizers.
-    """
-
-    def evaluate(model: nn.Module, ctx: DistContext, autocast: Callable) -> dict[str, float]:
-        device = next(model.parameters()).device
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
-        byte_table = token_num_bytes.to(device)
-        for windows in eval_batches(data.num_windows, batch_size, num_batches, ctx):
-            inputs, targets = data.batch(windows.start, len(windows))
-            inputs, targets = inputs.to(device), targets.to(device)
-            with autocast():
-                logits = model(inputs)
-            nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-            totals += torch.stack([nats.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=device),
-                                   byte_table[targets].sum().double()])
-        nats, tokens, num_bytes = all_reduce_sum(totals, ctx).tolist()
-        return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(num_bytes, 1.0)}
-
-    return evaluate
 
 
 def pretrain_stage(

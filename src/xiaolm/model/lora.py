@@ -6,8 +6,8 @@ How a LoRA run is stored (the simplest design that resumes exactly and stays loa
   it as usual, so `model.safetensors` holds the frozen base weights and the adapters under peft's
   module names, and `--resume` restores both bit for bit.
 - `config.json` gets a "lora" section (rank, alpha, dropout, target pattern), which is how a LoRA
-  checkpoint is recognised: `load_any_model` merges it on load, `xiaolm lora merge` writes a merged
-  plain checkpoint.
+  checkpoint is recognised: `checkpoint.load_model` merges it on load (or keeps the adapters apart
+  with merge_lora=False), `xiaolm lora merge` writes a merged plain checkpoint.
 - The final checkpoint of a run also holds the adapter in peft's own format
   (adapter_config.json + adapter_model.safetensors, written by `PeftModel.save_pretrained`).
 """
@@ -21,10 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from xiaolm.config import ModelConfig, from_dict
 from xiaolm.model.transformer import Transformer
-from xiaolm.tokenizer.bpe import XiaoTokenizer, load_tokenizer
-from xiaolm.train import checkpoint as ckpt
 
 # every attention and MLP projection of model/transformer.py (module names end with these)
 DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -82,38 +79,6 @@ def save_adapter(peft_model, directory: str | Path) -> None:
 def merge_lora(peft_model) -> Transformer:
     """W <- W + (alpha / r) B @ A in every adapted layer; returns the plain Transformer."""
     return peft_model.merge_and_unload()
-
-
-def load_lora_model(path: str | Path):
-    """A LoRA checkpoint as (PeftModel holding the base weights and the adapters, tokenizer, configs);
-    a clear error for a checkpoint without adapters."""
-    checkpoint = ckpt.resolve_checkpoint(path)
-    configs = ckpt.read_configs(checkpoint)
-    if "lora" not in configs:
-        raise ValueError(f"{checkpoint} is not a LoRA checkpoint (its config.json has no 'lora' section)")
-    model = Transformer(from_dict(ModelConfig, configs["model"]))
-    peft_model = apply_lora(model, LoraSettings(**configs["lora"]))
-    ckpt.load_weights(model, checkpoint / ckpt.MODEL_FILE)
-    return peft_model, load_tokenizer(checkpoint), configs
-
-
-def load_any_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, XiaoTokenizer, dict[str, Any]]:
-    """`checkpoint.load_model`, except that a LoRA checkpoint is loaded with its adapters merged."""
-    checkpoint = ckpt.resolve_checkpoint(path)
-    if "lora" not in ckpt.read_configs(checkpoint):
-        return ckpt.load_model(checkpoint, device)
-    peft_model, tokenizer, configs = load_lora_model(checkpoint)
-    return merge_lora(peft_model).to(device), tokenizer, configs
-
-
-def merge_checkpoint(path: str | Path, out: str | Path) -> Path:
-    """Write the LoRA checkpoint at `path` as a plain (merged) checkpoint folder `out`."""
-    checkpoint = ckpt.resolve_checkpoint(path)
-    peft_model, tokenizer, configs = load_lora_model(checkpoint)
-    merged_configs = {k: v for k, v in configs.items() if k != "lora"}
-    merged_configs["merged_from"] = {"checkpoint": str(checkpoint), "lora": configs["lora"]}
-    return ckpt.write_new_folder(out, lambda folder: ckpt.write_model_folder(folder, merge_lora(peft_model), tokenizer,
-                                                                            merged_configs))
 
 
 def settings_dict(settings: LoraSettings) -> dict[str, Any]:

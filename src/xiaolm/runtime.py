@@ -1,12 +1,17 @@
-"""Process-group setup for torchrun, device and precision choice, seeding and run metadata."""
+"""Where a process runs: device and precision choice, the torchrun process group, seeding and run
+metadata. Set up once per process (`setup_runtime`) and handed to whatever trains, evaluates or
+generates; nothing below this module chooses a device itself.
+"""
 
 from __future__ import annotations
 
 import os
 import platform
+import contextlib
 import random
 import subprocess
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +52,30 @@ def init_distributed(device_type: str) -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """The device, precision and process group of this process, resolved once."""
+
+    device: torch.device
+    precision: str
+    ctx: DistContext = DistContext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for forward passes (bf16/fp16), or nothing under fp32."""
+        dtype = autocast_dtype(self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def setup_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:
+    """Resolve `device` and `precision` and join torchrun's process group if there is one. Under
+    torchrun each process takes the GPU of its local rank."""
+    ctx = init_distributed(resolve_device(device).type)
+    resolved = resolve_device(device, ctx.local_rank)
+    return Runtime(device=resolved, precision=resolve_precision(precision, resolved), ctx=ctx)
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
@@ -57,6 +86,19 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def rank_batches(num_items: int, batch_size: int, num_batches: int, ctx: DistContext) -> Iterator[range]:
+    """This rank's share of the first items of an evaluation set, in batches of item indices.
+
+    The same items whatever the world size: num_batches * batch_size per process, so W processes
+    with batch B see what one process with batch W * B sees. Every stage's evaluation uses it.
+    """
+    total = min(num_items, num_batches * batch_size * ctx.world_size)
+    per_rank = total // ctx.world_size
+    first = ctx.rank * per_rank
+    for start in range(first, first + per_rank, batch_size):
+        yield range(start, min(start + batch_size, first + per_rank))
 
 
 def shutdown_distributed() -> None:
@@ -114,12 +156,22 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch: the training loop calls it once per run."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def run_info(device: torch.device, precision: str, ctx: DistContext) -> dict:
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's global generator seeded with `seed` inside the block (random weight
+    initialisation: a model, LoRA adapters), leaving the generator's state outside it untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def run_info(runtime: Runtime) -> dict:
     """What a report needs to say where and with what a run was made."""
     import tokenizers
 
@@ -133,12 +185,12 @@ def run_info(device: torch.device, precision: str, ctx: DistContext) -> dict:
         "tokenizers": tokenizers.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
+        "device": str(runtime.device),
+        "device_name": torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "num_threads": torch.get_num_threads(),
-        "precision": precision,
-        "world_size": ctx.world_size,
+        "precision": runtime.precision,
+        "world_size": runtime.ctx.world_size,
     }
     return info
 

@@ -1,4 +1,5 @@
-"""Checkpoint folders: written whole under a temporary name, then renamed.
+"""Checkpoint folders: written whole under a temporary name, then renamed; and `load_model`, the one
+way every command (training, inference, evaluation, export) loads a model.
 
 Layout of `RUN/checkpoints/step_000100/`:
   model.safetensors   fp32 weights (a tied output projection is stored once, as the embedding)
@@ -16,6 +17,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,19 +162,64 @@ def read_configs(checkpoint: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, XiaoTokenizer, dict]:
-    """Load model (fp32), tokenizer and configs from a checkpoint, run folder or exported model."""
+@dataclass
+class LoadedModel:
+    """What `load_model` returns: the model (fp32, in eval mode, on the asked device), its config and
+    tokenizer, everything its config.json holds, and the checkpoint folder it came from."""
+
+    model: Transformer
+    config: ModelConfig
+    tokenizer: XiaoTokenizer
+    configs: dict[str, Any]
+    path: Path
+    peft_model: Any = None
+    """A LoRA checkpoint loaded with merge_lora=False: the peft wrapper around `model`, whose
+    layers then hold the base weights and the adapters (model/lora.py)."""
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge_lora: bool = True) -> LoadedModel:
+    """Load a checkpoint folder, a run folder (its latest checkpoint) or an exported model.
+
+    A LoRA checkpoint (config.json has a "lora" section) comes with its adapters merged into the
+    weights, so every command takes one; `merge_lora=False` keeps them as separate layers.
+    `device` is a torch device or a name `runtime.resolve_device` understands ("auto", "cuda:1").
+    """
+    from xiaolm.runtime import resolve_device
+
     checkpoint = resolve_checkpoint(path)
     configs = read_configs(checkpoint)
-    model_config = from_dict(ModelConfig, configs["model"])
-    model = Transformer(model_config)
-    load_weights(model, checkpoint / MODEL_FILE)
+    if "model" not in configs:
+        raise ValueError(f"{checkpoint / CONFIG_FILE}: no 'model' section; not a xiaolm checkpoint")
+    config = from_dict(ModelConfig, configs["model"])
     tokenizer = load_tokenizer(checkpoint)
-    if tokenizer.vocab_size != model_config.vocab_size:
+    if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
-            f"{checkpoint}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {model_config.vocab_size}"
+            f"{checkpoint}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {config.vocab_size}"
         )
-    return model.to(device), tokenizer, configs
+    model, peft_model = Transformer(config), None
+    if "lora" in configs:
+        from xiaolm.model.lora import LoraSettings, apply_lora, merge_lora as merge
+
+        peft_model = apply_lora(model, LoraSettings(**configs["lora"]))
+        load_weights(model, checkpoint / MODEL_FILE)
+        if merge_lora:
+            # peft froze the base weights; merged, they are a plain model's weights again
+            model, peft_model = merge(peft_model).requires_grad_(True), None
+    else:
+        load_weights(model, checkpoint / MODEL_FILE)
+    device = resolve_device(device) if isinstance(device, str) else device
+    model.to(device).eval()
+    return LoadedModel(model, config, tokenizer, configs, checkpoint, peft_model)
+
+
+def merge_lora_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """Write the LoRA checkpoint at `path` as a plain checkpoint folder `out` with merged weights."""
+    loaded = load_model(path)
+    if "lora" not in loaded.configs:
+        raise ValueError(f"{loaded.path} is not a LoRA checkpoint (its config.json has no 'lora' section)")
+    configs = {k: v for k, v in loaded.configs.items() if k != "lora"}
+    configs["merged_from"] = {"checkpoint": str(loaded.path), "lora": loaded.configs["lora"]}
+    return write_new_folder(out, lambda folder: write_model_folder(folder, loaded.model, loaded.tokenizer, configs))
 
 
 def load_weights(model: Transformer, file: Path) -> None:
