@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: speedrun test install install-dev lint clean
+.PHONY: speedrun test install install-dev lint clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,20 @@ install-dev: $(VENV)/.installed-dev
 speedrun: install
 	$(BIN)/xiaolm speedrun $(ARGS)
 
-test: install-dev
+# The chat page's test drives Debian's chromium with its chromedriver (version-matched packages).
+# Installed when missing and possible (root with apt-get); otherwise that test is skipped, saying why.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium and chromium-driver (apt-get) for the browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	      >/dev/null) || echo "could not install chromium: the browser test will be skipped"; \
+	  else \
+	    echo "chromium/chromedriver missing and not root with apt-get: the browser test will be skipped"; \
+	  fi; \
+	fi
+
+test: install-dev browser
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 

@@ -70,6 +70,11 @@ class XiaoTokenizer:
         self._token_bytes: list[bytes] | None = None
 
     @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a generation: the end of a chat turn, the end of a document."""
+        return (self.im_end_id, self.eos_id)
+
+    @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
