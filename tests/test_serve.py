@@ -294,3 +294,13 @@ def test_serve_command_binds_loopback_and_serves_the_page(tmp_path, tokenizer):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_the_readme_client_example_runs(served, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Serving"):]
+    example = section[section.index("```python\n") + 10:section.index("\n```", section.index("```python"))]
+    code = example.replace("http://127.0.0.1:8000", served.url).replace('"tiny-dpo"', '"tiny"')
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert re.search(r" (stop|length) \d+\n", out)
