@@ -5,18 +5,11 @@ import json
 import pytest
 import torch
 
-from xiaolm.data.chat import (
-    IGNORE_INDEX,
-    build_chat_data,
-    build_sft_data,
-    document_mask,
-    parse_conversation,
-    parse_preference,
-    read_conversations,
-    read_preferences,
-    tokenize_conversation,
-)
+from xiaolm.data.chat_formats import parse_conversation, parse_preference, read_conversations, read_preferences
+from xiaolm.data.chat_tokens import IGNORE_INDEX, build_sft_data, tokenize_conversation
+from xiaolm.data.corpus import build_chat_data
 from xiaolm.data.readers import BadRecordError, ReadStats
+from xiaolm.model.transformer import document_mask
 from xiaolm.tokenizer.bpe import IM_END, render_chat
 
 from conftest import SAMPLE

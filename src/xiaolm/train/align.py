@@ -35,16 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from xiaolm.config import TrainConfig, to_dict
-from xiaolm.data.chat import (
-    IGNORE_INDEX,
-    PreferencePair,
-    SftData,
-    build_sft_data,
-    read_conversations,
-    read_preferences,
-    split_held_out,
-    tokenize_preference,
-)
+from xiaolm.data.chat_formats import PreferencePair, read_conversations, read_preferences
+from xiaolm.data.chat_tokens import IGNORE_INDEX, SftData, build_sft_data, tokenize_preference
+from xiaolm.data.corpus import split_held_out
 from xiaolm.data.readers import ReadStats
 from xiaolm.model.transformer import Transformer
 from xiaolm.tokenizer.bpe import XiaoTokenizer

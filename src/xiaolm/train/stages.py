@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from xiaolm.config import TrainConfig
-from xiaolm.data.chat import document_mask
 from xiaolm.data.shards import PackedTokens
+from xiaolm.model.transformer import document_mask
 from xiaolm.train.distributed import DistContext, all_reduce_sum
 from xiaolm.train.loop import Batch, Stage, unwrap_model
 
