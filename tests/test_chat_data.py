@@ -56,7 +56,7 @@ def test_bad_records_name_file_and_line(tmp_path, record, reason):
 def test_not_json_and_json_array_line_numbers(tmp_path):
     lines = tmp_path / "x.jsonl"
     lines.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{oops\n')
-    with pytest.raises(BadRecordError, match=r"x.jsonl:2: not JSON"):
+    with pytest.raises(BadRecordError, match=r"x.jsonl:2: bad JSON"):
         read_conversations([lines])
     array = tmp_path / "x.json"
     good = {"instruction": "a", "input": "", "output": "b"}

@@ -21,13 +21,12 @@ it instead. A conversation is never silently changed into something else.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xiaolm.data.readers import BadRecordError, ReadStats, keep_good_records
+from xiaolm.data.readers import BadRecordError, ReadStats, iter_json_records, keep_good_records
 
 Message = dict[str, str]
 CHAT_FORMATS = ("auto", "minimind", "sharegpt", "openai", "alpaca")
@@ -55,40 +54,6 @@ def _list_files(paths: Sequence[str | Path]) -> list[Path]:
     if not files:
         raise ValueError(f"no .jsonl or .json files in {[str(p) for p in paths]}")
     return files
-
-
-def iter_json_records(path: Path) -> Iterator[tuple[int, Any | BadRecordError]]:
-    """(line, record) for each record of a .jsonl file or a .json array, with the line where the
-    record starts, so errors point into pretty-printed JSON too."""
-    text = path.read_text(encoding="utf-8-sig")
-    stripped = text.lstrip()
-    if not stripped.startswith("["):  # JSON lines
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield line_no, BadRecordError(path, line_no, f"not JSON ({err.msg} at column {err.colno})")
-        return
-    decoder = json.JSONDecoder()
-    position = len(text) - len(stripped) + 1
-    line_no = text.count("\n", 0, position) + 1
-    while True:
-        while position < len(text) and text[position] in " \t\r\n,":
-            if text[position] == "\n":
-                line_no += 1
-            position += 1
-        if position >= len(text) or text[position] == "]":
-            return
-        try:
-            record, end = decoder.raw_decode(text, position)
-        except json.JSONDecodeError as err:
-            yield err.lineno, BadRecordError(path, err.lineno, f"not JSON ({err.msg} at column {err.colno})")
-            return  # the rest of an array cannot be located after a syntax error
-        yield line_no, record
-        line_no += text.count("\n", position, end)
-        position = end
 
 
 def _content(value: Any, where: str) -> str:
