@@ -49,7 +49,7 @@ def test_malformed_records(tmp_path: Path, record: object, reason: str) -> None:
         list(iter_documents([path]))
 
 
-def test_skip_bad_counts_and_keeps_locations(tmp_path: Path) -> None:
+def test_skip_bad_counts_and_keeps_locations(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "x.jsonl"
     path.write_text('{"text": "a"}\nnot json\n{"body": "b"}\n{"text": "c"}\n', encoding="utf-8")
     stats = ReadStats()
@@ -57,6 +57,10 @@ def test_skip_bad_counts_and_keeps_locations(tmp_path: Path) -> None:
     assert (stats.num_documents, stats.num_bad) == (2, 2)
     assert stats.bad_examples[0].startswith(f"{path}:2: bad JSON")
     assert stats.bad_examples[1].startswith(f"{path}:3: field 'text' is missing")
+    ReadStats().report_skipped()
+    assert capsys.readouterr().out == ""
+    stats.report_skipped()
+    assert capsys.readouterr().out.startswith(f"skipped 2 bad record(s); first: ['{path}:2: bad JSON")
 
 
 def test_invalid_utf8_is_a_bad_record_on_its_line(tmp_path: Path) -> None:

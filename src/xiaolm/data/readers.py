@@ -91,6 +91,11 @@ class ReadStats:
         if len(self.bad_examples) < self.max_examples:
             self.bad_examples.append(str(error))
 
+    def report_skipped(self) -> None:
+        """Print how many records were skipped and where the first ones are; nothing if none was."""
+        if self.num_bad:
+            print(f"skipped {self.num_bad} bad record(s); first: {self.bad_examples[:3]}")
+
 
 def _extension(path: Path) -> str | None:
     """The supported extension ``path`` ends with (longest match), or None."""

@@ -373,8 +373,7 @@ def load_chat_splits(data: Sequence[str | Path], val_data: Sequence[str | Path] 
         train_items, val_items = split_held_out(train_items, val_fraction, key=key)
     else:
         val_items = []
-    if stats.num_bad:
-        print(f"skipped {stats.num_bad} bad record(s); first: {stats.bad_examples[:3]}")
+    stats.report_skipped()
     if not train_items:
         raise ValueError(f"no training records in {[str(p) for p in data]}")
     return train_items, val_items
