@@ -299,12 +299,12 @@ def _json_array_records(path: Path, data: bytes) -> Iterator[tuple[int, Any | Ba
         return
     del data  # a large array is held once, as text
     decoder = json.JSONDecoder()
-    line_no, counted = 1, 0  # lines counted up to text[counted], so counting stays linear
+    line_no, counted_to = 1, 0  # newlines counted up to text[counted_to]: counting stays linear
 
     def line_at(position: int) -> int:
-        nonlocal line_no, counted
-        line_no += text.count("\n", counted, position)
-        counted = position
+        nonlocal line_no, counted_to
+        line_no += text.count("\n", counted_to, position)
+        counted_to = position
         return line_no
 
     position = _JSON_SPACE.match(text, text.index("[") + 1).end()
