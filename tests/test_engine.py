@@ -125,3 +125,28 @@ def test_stream_completion_stops_at_the_context_and_cancels_when_left(model, tok
 def test_requests_the_engine_cannot_run_are_refused(model, tokenizer, prompt, message):
     with pytest.raises(ValueError, match=message):
         Engine(model, tokenizer).submit(Request(prompt, SamplingConfig()))
+
+
+def test_a_failing_step_ends_its_requests_with_an_error_and_the_loop_goes_on(model, tokenizer):
+    import threading
+
+    engine = Engine(model, tokenizer, num_slots=2)
+    stop, errors = threading.Event(), []
+    thread = threading.Thread(target=engine.run_forever, args=(stop, errors.append), daemon=True)
+    thread.start()
+    try:
+        broken = SamplingConfig(max_new_tokens=8, temperature=1.0)
+        broken.temperature = float("nan")  # past validation: the sampler fails inside the step
+        done = [threading.Event() for _ in range(2)]
+        bad = Request(tokenizer.encode("a"), broken, listener=lambda r, t: t is None and done[0].set())
+        engine.submit(bad)
+        assert done[0].wait(60) and bad.finish_reason == "error" and "RuntimeError" in bad.error
+        good = Request(tokenizer.encode("a"), SamplingConfig(max_new_tokens=4, temperature=0),
+                       listener=lambda r, t: t is None and done[1].set())
+        engine.submit(good)
+        assert done[1].wait(60) and good.finish_reason == "length" and len(good.output_ids) == 4
+        assert len(errors) == 1 and engine.num_running == 0
+    finally:
+        stop.set()
+        engine.wake()
+        thread.join(30)

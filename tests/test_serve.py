@@ -304,3 +304,32 @@ def test_the_readme_client_example_runs(served, capsys):
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert re.search(r" (stop|length) \d+\n", out)
+
+
+def test_serves_a_mixture_of_experts_checkpoint(tmp_path, tokenizer):
+    checkpoint = serving_checkpoint(tmp_path / "moe", tokenizer, num_experts=4, num_experts_per_token=2,
+                                    num_shared_experts=1, first_k_dense=1)
+    with run_server(checkpoint, model_name="moe") as served:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model="moe", prompt="三国时期，", max_tokens=12, temperature=0)
+        prompt = served.server.tokenizer.encode("三国时期，")
+        assert reply.choices[0].text == alone(served, prompt, SamplingConfig(max_new_tokens=12, temperature=0))[0]
+
+
+def test_an_engine_failure_mid_stream_is_an_error_event_and_serving_goes_on(served, client):
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 64, "temperature": 0, "stream": True}
+    served.server.stop()  # hold the engine, so the request waits where the test can reach it
+    try:
+        with httpx.stream("POST", served.url + "/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the role chunk: the request is queued
+            (request,) = served.server.engine.waiting
+            request.sampling.temperature = float("nan")  # the sampler fails at the first step
+            served.server.start()
+            events = [line for line in lines if line]
+    finally:
+        served.server.start()
+    error = json.loads(events[-2][len("data: "):])
+    assert error["error"]["type"] == "server_error" and "RuntimeError" in error["error"]["message"]
+    assert events[-1] == "data: [DONE]"
+    assert client.completions.create(model="tiny", prompt="a", max_tokens=3).usage.completion_tokens == 3

@@ -318,9 +318,14 @@ class Engine:
             self._release(row, tokens)
         if not self.running:
             return True
-        feed = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (n, 1)
-        self.next_logits = self.model(feed, cache=self.cache.rows(0, len(self.running)))[:, -1]  # (n, V)
+        self.next_logits = self.decode(torch.tensor(tokens, dtype=torch.long, device=self.device))
         return True
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decode forward: one new token for each active row (n,), every row at its own position
+        in rows [0, n) of the cache; the logits of what comes next (n, V). The one place a faster
+        step (static shapes, compiled) plugs in."""
+        return self.model(tokens[:, None], cache=self.cache.rows(0, tokens.shape[0]))[:, -1]
 
     def abort(self, reason: str = FINISH_CANCELLED, error: str | None = None) -> None:
         """End every running and waiting request (after an interruption or a failed step)."""

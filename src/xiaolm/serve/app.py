@@ -66,6 +66,9 @@ class Server:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Run the engine's loop on its thread (again, after `stop`); a no-op while it runs."""
+        if self._thread is not None and self._thread.is_alive():
+            return
         self._stop.clear()
         self._thread = threading.Thread(
             target=self.engine.run_forever, args=(self._stop, lambda e: logger.exception("engine step failed",
@@ -74,6 +77,7 @@ class Server:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the engine's loop: the requests it holds end as cancelled; later ones wait for `start`."""
         self._stop.set()
         self.engine.wake()
         if self._thread is not None:
