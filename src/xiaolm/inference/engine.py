@@ -232,13 +232,13 @@ class Engine:
                 self._finish(running, FINISH_CANCELLED if request.cancelled else FINISH_LENGTH)
                 continue
             row = len(self.running)
+            self.running.append(running)  # first: if the prefill fails, `abort` still ends this request
             prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)  # (1, P)
             self.cache.lengths[row] = 0
             new_logits.append(self.model(prompt, cache=self.cache.rows(row, row + 1))[:, -1])  # (1, V)
             self.seen[row] = False
             self.seen[row, prompt[0]] = True
             self.counts[row] = 0
-            self.running.append(running)
         return new_logits
 
     def _accept(self, running: _Running, token: int) -> bool:

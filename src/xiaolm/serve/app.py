@@ -141,8 +141,15 @@ class Server:
         """Queue a request; its text arrives on the returned queue, then None when it has finished."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+
+        def deliver(_: Request, text: str | None) -> None:  # on the engine's thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, text)
+            except RuntimeError:  # the event loop has closed: the server is shutting down
+                pass
+
         request = Request(prompt_ids, sampling, stop_ids=frozenset(self.tokenizer.stop_ids), stop_strings=stops,
-                          listener=lambda _, text: loop.call_soon_threadsafe(queue.put_nowait, text))
+                          listener=deliver)
         try:
             self.engine.submit(request)
         except QueueFull as error:
@@ -209,7 +216,8 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
         finally:
             server.stop()
 
-    app = FastAPI(title="xiaolm", version="1", lifespan=lifespan,
+    # no /docs or /redoc: FastAPI's pages load their scripts from a CDN; the schema is at /openapi.json
+    app = FastAPI(title="xiaolm", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API of a xiaolm model, with batched decoding.")
     app.state.server = server
 
