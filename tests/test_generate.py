@@ -67,7 +67,10 @@ def test_seeded_sampling_is_reproducible_and_stops():
     assert c.finish_reason == "stop" and c.stop_id == stop
 
 
-def test_vanishing_temperature_is_greedy_not_nan():
-    # found by fuzzing the server: logits / 1e-30 overflow float32 and the softmax turns to NaN
+def test_vanishing_temperature_and_top_p_are_greedy_not_nan():
+    # found by fuzzing the server: logits / 1e-30 overflow float32 and the softmax turns to NaN;
+    # top_p = 5e-324 is 0 in float32 and dropped every token
     logits = torch.randn(3, 50)
     assert torch.equal(sample_next(logits, SamplingConfig(temperature=1e-30), None), logits.argmax(dim=-1))
+    tiny_top_p = SamplingConfig(temperature=1.0, top_p=5e-324)
+    assert torch.equal(sample_next(logits, tiny_top_p, torch.Generator().manual_seed(0)), logits.argmax(dim=-1))

@@ -83,8 +83,10 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already cover top_p (the first always stays)
+        # drop a token when the tokens ranked above it already cover top_p; the first always stays
+        # (a top_p below float32's range, 5e-324, rounds to 0 and would drop it too: fuzzing found it)
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     return logits.softmax(dim=-1)
