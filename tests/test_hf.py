@@ -35,7 +35,7 @@ def test_export_gives_transformers_the_same_model(tmp_path, tokenizer):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, xiaolm_logits(model, ids), atol=1e-5, rtol=1e-5)
     # greedy decoding stops at <|im_end|> as xiaolm's chat does
-    assert hf.generation_config.eos_token_id == [tokenizer.im_end_id, tokenizer.eos_id]
+    assert hf.generation_config.eos_token_id == [tokenizer.end_of_turn_id, tokenizer.eos_id]
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
     messages = [{"role": "user", "content": "你好"}]
     assert hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \

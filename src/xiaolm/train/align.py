@@ -158,7 +158,7 @@ def build_preference_data(pairs: Sequence[PreferencePair], tokenizer: XiaoTokeni
     if not examples:
         raise ValueError(f"no preference pair fits in seq_len={max_len} ({dropped} dropped); raise --seq-len"
                          + (" or pass --truncate tokens" if truncate == "turns" else ""))
-    return PreferenceData(examples, tokenizer.eos_id, dropped)
+    return PreferenceData(examples, tokenizer.pad_id, dropped)
 
 
 def preference_batch(data: PreferenceData, indices: Sequence[int]) -> Batch:
