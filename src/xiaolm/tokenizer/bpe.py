@@ -179,15 +179,20 @@ class XiaoTokenizer:
             self._token_bytes = table
         return self._token_bytes
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, eos_token: str | None = None) -> None:
+        """tokenizer.json and tokenizer_config.json (with the roles); `eos_token`: what transformers
+        should call eos there (export: a base model's <|endoftext|>) [xiaolm's: <|im_end|>; an
+        imported tokenizer's own]."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(directory / TOKENIZER_FILE))
         if self.is_native:
-            _write_native_config(directory)
+            _write_native_config(directory, eos_token or IM_END)
             return
         config = {k: v for k, v in self.hf_config.items() if k not in ROLE_KEYS.values()}
         config["chat_template"] = self.chat_template
+        if eos_token is not None:
+            config["eos_token"] = eos_token
         config.update({ROLE_KEYS["document_end"]: self.document_end, ROLE_KEYS["end_of_turn"]: self.end_of_turn,
                        ROLE_KEYS["stop"]: self.stop_tokens, ROLE_KEYS["add_bos"]: self.add_bos})
         (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
@@ -303,11 +308,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, min_frequency:
     return XiaoTokenizer(tokenizer)
 
 
-def _write_native_config(directory: Path) -> None:
+def _write_native_config(directory: Path, eos_token: str) -> None:
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
-        "eos_token": IM_END,
+        "eos_token": eos_token,
         "pad_token": ENDOFTEXT,
         "unk_token": None,
         "additional_special_tokens": [ENDOFTEXT, IM_START, IM_END],
@@ -318,7 +323,7 @@ def _write_native_config(directory: Path) -> None:
         "chat_template": CHAT_TEMPLATE,
     }
     (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    special_map = {"eos_token": IM_END, "pad_token": ENDOFTEXT, "additional_special_tokens": SPECIAL_TOKENS}
+    special_map = {"eos_token": eos_token, "pad_token": ENDOFTEXT, "additional_special_tokens": SPECIAL_TOKENS}
     (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
 
 
