@@ -189,6 +189,9 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         fields.update(rope_original_max_seq_len=original, rope_low_freq_factor=float(params["low_freq_factor"]),
                       rope_high_freq_factor=float(params["high_freq_factor"]))
     elif kind == "yarn":
+        # transformers 4.x takes the factor as max_position_embeddings / original when the two disagree
+        # (Qwen2.5's suggested config): xiaolm follows the factor, as 5.x does, and runs that far
+        fields["max_seq_len"] = max(max_positions, int(original * factor))
         if params.get("truncate", True) is not True:
             raise ValueError("config.json: yarn truncate=false is not supported")
         fields.update(rope_original_max_seq_len=original,

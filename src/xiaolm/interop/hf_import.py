@@ -93,7 +93,7 @@ def model_from_hf(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor
         if tuple(tensor.shape) != tuple(params[name].shape):
             raise ValueError(f"{source}: weight {hf_name!r} has shape {tuple(tensor.shape)}, expected "
                              f"{tuple(params[name].shape)}")
-        params[name].copy_(tensor.to(torch.float32))
+        params[name].copy_(tensor)  # converts to fp32 in place: no second copy of a large tensor
         filled.add(name)
     missing = sorted(set(params) - filled)
     if missing:
