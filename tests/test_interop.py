@@ -338,3 +338,14 @@ def test_head_dim_and_bias_defaults_keep_old_checkpoints(tmp_path, tokenizer):
     loaded = load_model(checkpoint)
     assert loaded.config.head_dim == 16 and not loaded.config.qkv_bias
     assert to_dict(loaded.config) == to_dict(Transformer(tiny_model_config(vocab_size=tokenizer.vocab_size)).config)
+
+
+def test_benchmark_peer_is_the_exported_model():
+    """bench/ compares xiaolm with transformers through `build_hf_model`, the export's own mapping."""
+    from xiaolm.interop.hf_export import build_hf_model
+
+    for overrides in (dict(), dict(qk_norm=True, head_dim=32)):
+        model = Transformer(tiny_model_config(**overrides)).eval()
+        peer = build_hf_model(model.config, model).eval()
+        ids = torch.randint(0, 512, (2, 30))
+        torch.testing.assert_close(logits_of(peer, ids), logits_of(model, ids), atol=1e-5, rtol=1e-5)
