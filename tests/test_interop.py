@@ -21,7 +21,7 @@ import torch
 from xiaolm.checkpoint import load_model, write_model_folder
 from xiaolm.cli import main
 from xiaolm.config import to_dict
-from xiaolm.data.chat import tokenize_conversation
+from xiaolm.data.chat_tokens import tokenize_conversation
 from xiaolm.inference.generate import SamplingConfig, generate_tokens
 from xiaolm.interop.hf_config import architecture_for
 from xiaolm.interop.hf_export import export_hf
