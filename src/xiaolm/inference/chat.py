@@ -16,7 +16,7 @@ from typing import TextIO
 from xiaolm.inference.engine import Request, stream_alone
 from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.model.transformer import Transformer
-from xiaolm.tokenizer.bpe import XiaoTokenizer, render_chat
+from xiaolm.tokenizer.bpe import XiaoTokenizer
 
 HELP = "commands: /clear  forget the conversation, /system TEXT  set the system prompt, /quit  leave"
 
@@ -24,7 +24,7 @@ HELP = "commands: /clear  forget the conversation, /system TEXT  set the system 
 def chat_prompt_ids(tokenizer: XiaoTokenizer, messages: list[dict[str, str]]) -> list[int]:
     """A conversation rendered with the tokenizer's chat template, ending with the assistant's header:
     the prompt of the next reply (`xiaolm chat` and `xiaolm serve`)."""
-    return tokenizer.encode(render_chat(messages, add_generation_prompt=True))
+    return tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
 
 
 class ChatSession:
@@ -39,8 +39,8 @@ class ChatSession:
         self.history: list[dict[str, str]] = []
         self.num_dropped_turns = 0
         self.last_stop_id: int | None = None
-        """The stop token (<|im_end|> or <|endoftext|>) that ended the latest reply; None when the
-        token limit ended it."""
+        """The stop token (end of turn, document end or another of the model's) that ended the latest
+        reply; None when the token limit ended it."""
 
     @property
     def last_stopped(self) -> bool:

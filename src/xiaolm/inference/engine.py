@@ -398,6 +398,6 @@ def stream_completion(model: Transformer, tokenizer: XiaoTokenizer, prompt: str,
                       sampling: SamplingConfig) -> Iterator[str]:
     """Continue `prompt` (`xiaolm generate`), yielding text pieces as soon as they form whole
     characters; generation stops at the tokenizer's stop tokens, which are not printed."""
-    prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]  # an empty prompt starts a new document
+    prompt_ids = tokenizer.encode_prompt(prompt)
     request = Request(prompt_ids, sampling, stop_ids=frozenset(tokenizer.stop_ids))
     yield from stream_alone(model, tokenizer, request)

@@ -127,8 +127,7 @@ class Server:
                                "prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            # an empty prompt starts a new document, as `xiaolm generate` does
-            return self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
+            return self.tokenizer.encode_prompt(prompt)  # as `xiaolm generate` encodes it (BOS, empty prompt)
         if not prompt:
             raise ApiError(400, "the prompt is empty", "prompt")
         vocab_size = self.engine.model.config.vocab_size
