@@ -14,7 +14,7 @@ from conftest import ROOT, SAMPLE
 
 TINY = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--num-kv-heads", "2",
         "--max-seq-len", "64", "--seq-len", "32", "--batch-size", "4", "--eval-every", "5", "--eval-batches", "2",
-        "--save-every", "5", "--no-progress"]
+        "--save-every", "5", "--precision", "fp32", "--no-progress"]
 
 
 def test_readme_commands_are_all_tested():

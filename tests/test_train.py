@@ -119,9 +119,6 @@ def test_mixed_precision_trains(tmp_path, tokenizer, shards, precision):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_auto_precision_on_cpu_is_fp32(tmp_path, tokenizer, shards):
-    pretrain(tiny_model_config(), tiny_train_config(tmp_path / "run", max_steps=1), tokenizer, *shards)
-    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["precision"] == "fp32"
 
 
 def test_compiled_model_trains_like_eager(tmp_path, tokenizer, shards):

@@ -202,6 +202,24 @@ class Transformer(nn.Module):
             total -= self.embed_tokens.weight.numel()
         return total
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at context `seq_len`, as PaLM counts them:
+        6 x the weights a token is multiplied by (every projection and the output head; the
+        embedding lookup is no matmul; of an MoE layer's routed experts only the top-k a token goes
+        to) + 12 x layers x attention width x seq_len (scores and weighted values, causal mask not
+        discounted). MFU = this x tokens/s / the device's measured matmul peak."""
+        matmul_weights = 0
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module is not self.lm_head:
+                matmul_weights += module.weight.numel()
+            num_experts = getattr(module, "num_experts", 0)
+            if num_experts and hasattr(module, "experts"):  # routed experts: only top-k of them run
+                expert_weights = sum(p.numel() for p in module.experts.parameters())
+                matmul_weights -= expert_weights * (1 - module.top_k / num_experts)
+        matmul_weights += self.lm_head.weight.numel()
+        attention = 12 * self.config.num_layers * self.config.num_heads * self.config.head_dim * seq_len
+        return 6 * matmul_weights + attention
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -27,7 +27,16 @@ from xiaolm.config import (
     to_dict,
 )
 from xiaolm import checkpoint as ckpt
-from xiaolm.runtime import DistContext, Runtime, all_reduce_sum, run_info, seed_everything, setup_runtime
+from xiaolm.runtime import (
+    DistContext,
+    Runtime,
+    all_reduce_sum,
+    choose_training_precision,
+    matmul_peak,
+    run_info,
+    seed_everything,
+    setup_runtime,
+)
 from xiaolm.tokenizer.bpe import XiaoTokenizer
 from xiaolm.train.optim import build_optimizer, learning_rate
 
@@ -146,6 +155,11 @@ def train(
                "stage": {"name": stage.name, **stage.identity}}
 
     model.to(device)
+    # --precision auto on a CPU: bf16 autocast only where a timed probe shows it faster
+    runtime = choose_training_precision(runtime, cfg.precision, model, cfg.batch_size, cfg.seq_len)
+    precision = runtime.precision
+    if ctx.is_main:
+        print(f"precision {precision} ({runtime.precision_reason})", flush=True)
     trainable = list(stage.trainable(model) if stage.trainable else model.named_parameters())
     optimizer = build_optimizer(trainable, cfg, device.type)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -177,6 +191,10 @@ def train(
         save_json(run_dir / "run_info.json", run_info(runtime))
     log = MetricsLog(run_dir, cfg, start_step, ctx.is_main, configs)
     autocast = runtime.autocast
+    # model FLOPs utilisation: model FLOPs per token x tokens/s over the measured matmul peak of
+    # all processes (measured once per machine and precision, then cached)
+    flops_per_token = raw_model.flops_per_token(cfg.seq_len) if hasattr(raw_model, "flops_per_token") else None
+    peak_flops = matmul_peak(device, precision) * ctx.world_size if ctx.is_main and flops_per_token else None
 
     progress = None
     if ctx.is_main and cfg.progress:
@@ -254,6 +272,8 @@ def train(
         if ctx.is_main and is_log_step:
             elapsed = time.perf_counter() - window_start
             tok_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
+            if peak_flops:
+                extra["mfu"] = flops_per_token * tok_per_s / peak_flops
             log.write({"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                        "tokens": tokens_seen, "tok_per_s": tok_per_s,
                        "elapsed_s": time.perf_counter() - started, **extra})
