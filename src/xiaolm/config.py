@@ -162,11 +162,18 @@ class TrainConfig:
     lr: float = doc("Peak learning rate.", 3e-3)
     min_lr_ratio: float = doc("Cosine schedule ends at lr * min_lr_ratio.", 0.1)
     warmup_steps: int = doc("Linear warmup steps.", 50)
-    weight_decay: float = doc("AdamW weight decay (matrices only; norms and biases get none).", 0.1)
+    optimizer: str = doc(
+        "adamw | muon. muon: torch.optim.Muon for the 2-D matrices inside the blocks, AdamW for embeddings, "
+        "norms and the output head; both at --lr (Muon's update is scaled to AdamW's RMS).", "adamw")
+    weight_decay: float = doc("Decoupled weight decay (matrices only; norms and biases get none).", 0.1)
     beta1: float = doc("AdamW beta1.", 0.9)
     beta2: float = doc("AdamW beta2.", 0.95)
+    muon_momentum: float = doc("Muon's (Nesterov) momentum.", 0.95)
     grad_clip: float = doc("Clip the global gradient norm to this; 0 disables.", 1.0)
-    precision: str = doc("auto | bf16 | fp16 | fp32. auto: bf16 on GPUs that have it, else fp32.", "auto")
+    precision: str = doc(
+        "auto | bf16 | fp16 | fp32. auto: bf16 on GPUs that have it (else fp16 with loss scaling); on a CPU, "
+        "bf16 autocast where it has native bf16 and a timed probe shows it faster (cached per machine), else fp32.",
+        "auto")
     device: str = doc("auto | cpu | cuda | cuda:N | mps.", "auto")
     compile: bool = doc("Wrap the model in torch.compile (first step is slow).", False)
     eval_every: int = doc("Validate every N steps (and at the end); 0 disables.", 100)
@@ -187,6 +194,8 @@ class TrainConfig:
                 raise ValueError(f"train config: {name} must be positive, got {getattr(self, name)}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"train config: precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"train config: optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
             raise ValueError("train config: warmup_steps, eval_every and save_every must be >= 0")
 

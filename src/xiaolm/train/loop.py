@@ -311,8 +311,11 @@ def train(
 def _restore(checkpoint: Path, model: nn.Module, optimizer, scaler, configs: dict[str, Any]) -> dict[str, Any]:
     """Load weights, optimizer and RNG state, refusing a checkpoint of a different run."""
     saved = ckpt.read_configs(checkpoint)
-    if "model" in saved:  # fields added since the checkpoint was written take their defaults
+    # fields added since the checkpoint was written take their defaults
+    if "model" in saved:
         saved["model"] = to_dict(from_dict(ModelConfig, saved["model"]))
+    if "train" in saved:
+        saved["train"] = to_dict(from_dict(TrainConfig, saved["train"]))
     problems = []
     for section in sorted(set(saved) | set(configs)):
         ignore = RESUMABLE_TRAIN_FIELDS if section == "train" else frozenset()
