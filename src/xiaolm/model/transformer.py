@@ -10,7 +10,11 @@ Choices, top to bottom:
 - a SwiGLU feed-forward, down(silu(gate(x)) * up(x)); each block builds its feed-forward through
   `make_feed_forward`, the single place a Mixture-of-Experts layer (model/moe.py) replaces the
   dense one when the config has experts;
-- a final RMSNorm and an output projection tied to the embedding (configurable);
+- a final RMSNorm and an output projection tied to the embedding (configurable); given targets,
+  the forward returns the mean next-token loss of the projection and cross-entropy fused a chunk
+  of rows at a time (model/loss.py), so the batch's fp32 logits never exist whole;
+- optional activation checkpointing (`activation_checkpointing`): each block's activations are
+  recomputed in backward instead of kept, for less memory at about a third more compute;
 - a preallocated KV cache for decoding (`KVCache`), filled in place.
 All initialisation lives in `init_weights`.
 """
@@ -23,8 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from xiaolm.config import ModelConfig
+from xiaolm.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -178,6 +184,7 @@ class Transformer(nn.Module):
         # not persistent: derived from the config, so never stored in checkpoints
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # set by the training loop (--activation-checkpointing)
         self.init_weights()
 
     @torch.no_grad()
@@ -225,8 +232,10 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V).
+        """input_ids (B, T) -> logits (B, T, V); with targets (B, T), the mean cross-entropy of the
+        targets that are not -100 instead (fp32 scalar; logits never materialised whole).
 
         With a cache, positions start at `cache.length` and the cache advances by T.
         `attn_mask` (bool, broadcastable to (B, H, T, S), True = may attend) overrides the causal
@@ -246,11 +255,21 @@ class Transformer(nn.Module):
         cos = self.rope_cos[start:start + T]  # (T, D)
         sin = self.rope_sin[start:start + T]  # (T, D)
         x = self.embed_tokens(input_ids)  # (B, T, C)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin, cache, attn_mask)
+            if recompute:  # dropout masks are replayed: the same function, less memory
+                x = checkpoint(block, x, cos, sin, cache, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, attn_mask)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
+        if targets is not None and type(self.lm_head) is nn.Linear:  # not under a LoRA wrapper
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        logits = self.lm_head(x)  # (B, T, V)
+        if targets is not None:
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits
 
     def aux_loss(self) -> torch.Tensor | None:
         """What the training loss adds for the latest training-mode forward: the MoE load-balancing

@@ -155,6 +155,10 @@ def train(
                "stage": {"name": stage.name, **stage.identity}}
 
     model.to(device)
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "activation_checkpointing"):
+            raise ValueError(f"--activation-checkpointing: {type(model).__name__} does not support it")
+        model.activation_checkpointing = True
     # --precision auto on a CPU: bf16 autocast only where a timed probe shows it faster
     runtime = choose_training_precision(runtime, cfg.precision, model, cfg.batch_size, cfg.seq_len)
     precision = runtime.precision
