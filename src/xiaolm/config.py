@@ -159,6 +159,9 @@ class TrainConfig:
     batch_size: int = doc("Sequences per micro-batch on each process.", 16)
     grad_accum_steps: int = doc("Micro-batches accumulated per optimizer step.", 1)
     max_steps: int = doc("Optimizer steps to train for.", 1000)
+    stop_after_steps: int = doc(
+        "End the run after this step, as a kill after its checkpoint would (the schedule still runs to "
+        "max_steps; --resume continues); 0: at max_steps.", 0)
     lr: float = doc("Peak learning rate.", 3e-3)
     min_lr_ratio: float = doc("Cosine schedule ends at lr * min_lr_ratio.", 0.1)
     warmup_steps: int = doc("Linear warmup steps.", 50)
@@ -176,6 +179,10 @@ class TrainConfig:
         "auto")
     device: str = doc("auto | cpu | cuda | cuda:N | mps.", "auto")
     compile: bool = doc("Wrap the model in torch.compile (first step is slow).", False)
+    fsdp: bool = doc(
+        "Under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2) instead of "
+        "replicating them (DDP); checkpoints are torch.distributed.checkpoint shards, resumable on any number "
+        "of processes.", False)
     activation_checkpointing: bool = doc(
         "Recompute each block's activations in backward instead of keeping them: far less memory for "
         "about a third more compute; the same losses.", False)
@@ -199,8 +206,8 @@ class TrainConfig:
             raise ValueError(f"train config: precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"train config: optimizer must be adamw or muon, got {self.optimizer!r}")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
-            raise ValueError("train config: warmup_steps, eval_every and save_every must be >= 0")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0 or self.stop_after_steps < 0:
+            raise ValueError("train config: warmup_steps, eval_every, save_every and stop_after_steps must be >= 0")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
@@ -243,7 +250,8 @@ CHAT_SAMPLING: dict[str, Any] = dict(max_new_tokens=256, temperature=0.7, top_k=
 # they change bookkeeping or how long to go on, not what an exact continuation computes.
 RESUMABLE_TRAIN_FIELDS = frozenset(
     {"out_dir", "max_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
-     "log_every", "resume", "tensorboard", "wandb", "progress", "device", "compile", "activation_checkpointing"}
+     "log_every", "resume", "tensorboard", "wandb", "progress", "device", "compile", "activation_checkpointing",
+     "stop_after_steps"}
 )
 
 

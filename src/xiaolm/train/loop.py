@@ -38,6 +38,7 @@ from xiaolm.runtime import (
     setup_runtime,
 )
 from xiaolm.tokenizer.bpe import XiaoTokenizer
+from xiaolm.train import fsdp
 from xiaolm.train.optim import build_optimizer, learning_rate
 
 Batch = dict[str, torch.Tensor]
@@ -152,7 +153,9 @@ def train(
     device, precision, ctx = runtime.device, runtime.precision, runtime.ctx
     seed_everything(cfg.seed + ctx.rank)
     configs = {"model": to_dict(model.config), **(configs or {}), "train": to_dict(cfg),
-               "stage": {"name": stage.name, **stage.identity}}
+               "stage": {"name": stage.name, **stage.identity},
+               # what one step sees, however it is split over processes: a resume may change the split
+               "batch": {"global_batch_size": cfg.batch_size * ctx.world_size}}
 
     model.to(device)
     if cfg.activation_checkpointing:
@@ -164,6 +167,9 @@ def train(
     precision = runtime.precision
     if ctx.is_main:
         print(f"precision {precision} ({runtime.precision_reason})", flush=True)
+    if cfg.fsdp:  # before the optimizer exists: its state is created per shard
+        fsdp.check_supported(cfg.optimizer, model)
+        model = fsdp.shard_model(model, runtime)
     trainable = list(stage.trainable(model) if stage.trainable else model.named_parameters())
     optimizer = build_optimizer(trainable, cfg, device.type)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -180,7 +186,7 @@ def train(
         state = _restore(latest, model, optimizer, scaler, configs)
         start_step, bad_steps, tokens_seen = state["step"], state["bad_steps"], state["tokens_seen"]
     raw_model = model
-    if ctx.enabled:
+    if ctx.enabled and not cfg.fsdp:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -207,6 +213,7 @@ def train(
         progress = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, desc=stage.name)
 
     last_loss, last_eval, saved = math.nan, {}, latest if cfg.resume else None
+    stop_after_steps = stop_after_steps or cfg.stop_after_steps or None
     end_step = cfg.max_steps if stop_after_steps is None else min(cfg.max_steps, stop_after_steps)
     started = time.perf_counter()
     window_start, window_tokens = started, 0
@@ -221,7 +228,10 @@ def train(
             batch = stage.train_batch(step * cfg.grad_accum_steps + micro, ctx.rank, ctx.world_size)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             # gradients are all-reduced once per optimizer step, on the last micro-batch
-            sync = model.no_sync() if ctx.enabled and micro < cfg.grad_accum_steps - 1 else contextlib.nullcontext()
+            last_micro = micro == cfg.grad_accum_steps - 1
+            if cfg.fsdp and ctx.enabled:
+                model.set_requires_gradient_sync(last_micro)
+            sync = model.no_sync() if ctx.enabled and not cfg.fsdp and not last_micro else contextlib.nullcontext()
             with sync:
                 with autocast():
                     loss, num_tokens = stage.compute_loss(forward_model, batch)
@@ -233,7 +243,7 @@ def train(
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        grad_norm = float(grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if scaler is not None:
             scaler.step(optimizer)  # skips the update itself when gradients overflowed
@@ -278,6 +288,8 @@ def train(
             tok_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
             if peak_flops:
                 extra["mfu"] = flops_per_token * tok_per_s / peak_flops
+            if device.type == "cuda":
+                extra["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             log.write({"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                        "tokens": tokens_seen, "tok_per_s": tok_per_s,
                        "elapsed_s": time.perf_counter() - started, **extra})
@@ -294,15 +306,20 @@ def train(
                 progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         # never checkpoint inside a non-finite streak: the last good checkpoint stays the latest
         if bad_steps == 0 and ((cfg.save_every and done % cfg.save_every == 0) or done == end_step):
+            state = {
+                "step": done, "bad_steps": bad_steps, "tokens_seen": tokens_seen,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": ckpt.capture_rng_state(),
+            }
+            shards = None
+            if cfg.fsdp:  # every process writes its shards (weights and optimizer state), then main files them
+                shards = run_dir / "checkpoints" / f".shards-step_{done:06d}"
+                fsdp.save_sharded(shards, model, optimizer)
+            else:
+                state["optimizer"] = optimizer.state_dict()
             if ctx.is_main:
-                state = {
-                    "step": done, "bad_steps": bad_steps, "tokens_seen": tokens_seen,
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": ckpt.capture_rng_state(),
-                }
                 saved = ckpt.save_checkpoint(run_dir, done, raw_model, tokenizer, configs, state,
-                                             keep=cfg.keep_checkpoints)
+                                             keep=cfg.keep_checkpoints, sharded_weights=shards)
             if ctx.enabled:
                 dist.barrier()
     if progress is not None:
@@ -320,9 +337,13 @@ def _restore(checkpoint: Path, model: nn.Module, optimizer, scaler, configs: dic
         saved["model"] = to_dict(from_dict(ModelConfig, saved["model"]))
     if "train" in saved:
         saved["train"] = to_dict(from_dict(TrainConfig, saved["train"]))
+    if "batch" not in saved:  # written before the global batch was recorded: the split must match
+        configs = {k: v for k, v in configs.items() if k != "batch"}
     problems = []
     for section in sorted(set(saved) | set(configs)):
-        ignore = RESUMABLE_TRAIN_FIELDS if section == "train" else frozenset()
+        ignore = frozenset()
+        if section == "train":  # the per-process batch may change with the number of processes
+            ignore = RESUMABLE_TRAIN_FIELDS | ({"batch_size"} if "batch" in saved else frozenset())
         problems += [f"{section}.{line}" for line in diff_configs(saved.get(section) or {}, configs.get(section) or {}, ignore)]
     if problems:
         raise ValueError(
@@ -332,9 +353,12 @@ def _restore(checkpoint: Path, model: nn.Module, optimizer, scaler, configs: dic
     state_file = checkpoint / ckpt.STATE_FILE
     if not state_file.is_file():
         raise ValueError(f"cannot resume from {checkpoint}: {ckpt.STATE_FILE} is missing")
-    ckpt.load_weights(model, checkpoint / ckpt.MODEL_FILE)
     state = torch.load(state_file, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if (checkpoint / ckpt.SHARDED_DIR).is_dir():  # --fsdp: resharded to this run's processes
+        fsdp.load_sharded(checkpoint / ckpt.SHARDED_DIR, model, optimizer)
+    else:
+        ckpt.load_weights(model, checkpoint / ckpt.MODEL_FILE)
+        optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     ckpt.restore_rng_state(state["rng"])
