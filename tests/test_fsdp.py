@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from xiaolm import checkpoint as ckpt
+from xiaolm.cli import main
 
 from conftest import sample_texts
 from test_ddp import TINY_FLAGS, read_losses, run_cli
@@ -43,8 +44,10 @@ def test_fsdp_matches_one_process_and_resumes_across_world_sizes(tmp_path, token
 
     sharded = ckpt.resolve_checkpoint(tmp_path / "fsdp")
     assert (sharded / ckpt.SHARDED_DIR).is_dir() and not (sharded / ckpt.MODEL_FILE).exists()
-    plain = ckpt.consolidate_checkpoint(sharded, tmp_path / "plain")
+    plain = tmp_path / "plain"
+    assert main(["checkpoint", "consolidate", "--ckpt", str(tmp_path / "fsdp"), "--out", str(plain)]) == 0
     assert (plain / ckpt.MODEL_FILE).is_file()
+    assert main(["checkpoint", "consolidate", "--ckpt", str(plain), "--out", str(tmp_path / "again")]) == 2
     reference = ckpt.load_model(tmp_path / "single").model.state_dict()
     for loaded in (ckpt.load_model(plain).model, ckpt.load_model(tmp_path / "fsdp").model):
         for name, tensor in loaded.state_dict().items():

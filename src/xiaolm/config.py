@@ -178,7 +178,7 @@ class TrainConfig:
         "bf16 autocast where it has native bf16 and a timed probe shows it faster (cached per machine), else fp32.",
         "auto")
     device: str = doc("auto | cpu | cuda | cuda:N | mps.", "auto")
-    compile: bool = doc("Wrap the model in torch.compile (first step is slow).", False)
+    compile: bool = doc("torch.compile each transformer block (the first steps are slow while it compiles).", False)
     fsdp: bool = doc(
         "Under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2) instead of "
         "replicating them (DDP); checkpoints are torch.distributed.checkpoint shards, resumable on any number "
