@@ -336,7 +336,7 @@ def matmul_peak(device: torch.device, precision: str, cache: MachineCache | None
     return float(peak)
 
 
-def _time_training_steps(model: torch.nn.Module, batch_size: int, seq_len: int, rounds: int) -> dict[str, float]:
+def time_training_steps(model: torch.nn.Module, batch_size: int, seq_len: int, rounds: int) -> dict[str, float]:
     """Median seconds of forward + cross-entropy + backward in fp32 and bf16 autocast, interleaved
     (A B, B A, ...) on a copy of `model`, so the real model and the RNG stay untouched."""
     probe = copy.deepcopy(model).train()
@@ -387,7 +387,7 @@ def choose_cpu_precision(
     measured = cache.get("precision_probe", name)
     source = f"cached in {cache.path}"
     if not measured:
-        measured = _time_training_steps(model, batch_size, seq_len, rounds)
+        measured = time_training_steps(model, batch_size, seq_len, rounds)
         cache.put("precision_probe", name, measured)
         source = "measured now"
     speedup = measured["fp32"] / measured["bf16"]
