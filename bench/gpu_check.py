@@ -68,7 +68,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="pretraining steps per run [300]")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script itself")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "pretrain", "speedrun"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "pretrain", "compile", "speedrun"])
     args = parser.parse_args()
 
     import torch
@@ -114,7 +114,8 @@ def main() -> int:
         run([*xiaolm, "tokenizer", "train", "--data", str(SAMPLE / "train.jsonl"), "--out", str(tokenizer),
              "--vocab-size", "6400" if not args.dry_run else "600"], out / "tokenizer.log", 300)
         rows = []
-        for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        variants = [("eager", []), ("compiled", ["--compile"])][:1 if "compile" in args.skip else 2]
+        for name, extra in variants:
             run_dir = out / f"minimind3_{name}"
             command = [*xiaolm, "pretrain", "--data", str(SAMPLE / "train.jsonl"), "--tokenizer", str(tokenizer),
                        *shape, "--out-dir", str(run_dir), "--device", device, "--precision", "bf16",
