@@ -53,6 +53,22 @@ def hf_forward(model, inputs, targets):
     return model(input_ids=inputs, use_cache=False).logits
 
 
+def unfused(step):
+    """`step` with xiaolm's stacked q/k/v and gate/up matmuls split back into one matmul per
+    projection (what the model did before `fused_projections`): the fusion's own gain."""
+    import xiaolm.model.transformer as transformer
+
+    def run() -> float:
+        fused = transformer.fused_projections
+        transformer.fused_projections = lambda owner, x, linears: tuple(linear(x) for linear in linears)
+        try:
+            return step()
+        finally:
+            transformer.fused_projections = fused
+
+    return run
+
+
 def compiled(model: Transformer, how: str) -> Transformer:
     """A copy of `model` with each block compiled (one graph serves every block: they share code
     and shapes) or the whole model."""
@@ -75,6 +91,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each model, interleaved")
     parser.add_argument("--compile", nargs="*", choices=["block", "model"], default=[],
                         help="also time xiaolm compiled per block and/or as a whole")
+    parser.add_argument("--unfused", action="store_true", help="also time xiaolm with one matmul per projection")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -106,6 +123,10 @@ def main() -> None:
                 )
                 for name, forward, model in peers
             }
+            if args.unfused:
+                model = copy.deepcopy(xiao)
+                steps["xiaolm unfused"] = unfused(make_train_step(
+                    xiaolm_forward, model, build_optimizer(model.named_parameters(), train_cfg, "cpu"), batches, precision))
             # same weights, same batch: the first losses must agree, or the comparison is void
             first, first_s = {}, {}
             for name, step in steps.items():

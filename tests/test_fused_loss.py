@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from xiaolm.model.loss import linear_cross_entropy
-from xiaolm.model.transformer import Transformer
+from xiaolm.model.transformer import Transformer, fused_projections
 from xiaolm.train.pretrain import pretrain
 
 from conftest import tiny_model_config, tiny_train_config
@@ -55,3 +55,24 @@ def test_activation_checkpointing_gives_identical_losses(tmp_path, tokenizer, sh
         cfg = tiny_train_config(tmp_path / name, max_steps=4, eval_every=0, activation_checkpointing=recompute)
         pretrain(tiny_model_config(**overrides), cfg, tokenizer, *shards)
     assert losses(tmp_path / "recompute") == losses(tmp_path / "plain")
+
+
+def test_stacked_projections_follow_the_weights_at_inference():
+    model = Transformer(tiny_model_config()).eval()
+    inputs = torch.randint(0, 512, (1, 8))
+    attention = model.layers[0].attn
+    with torch.no_grad():
+        before = model(inputs)
+        assert attention._stacked_weights[1].shape == (64 + 2 * 32, 64)  # q, k, v stacked and kept
+        separate = torch.cat([attention.q_proj(attention_input := torch.randn(3, 64)),
+                              attention.k_proj(attention_input), attention.v_proj(attention_input)], dim=-1)
+        stacked = torch.cat(fused_projections(attention, attention_input,
+                                              (attention.q_proj, attention.k_proj, attention.v_proj)), dim=-1)
+        torch.testing.assert_close(stacked, separate)
+        attention.v_proj.weight.mul_(2.0)  # an in-place change (a step, a load) must not be missed
+        after = model(inputs)
+    assert not torch.allclose(before, after)
+    fresh = Transformer(tiny_model_config()).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(inputs), after)

@@ -7,6 +7,9 @@ Choices, top to bottom:
   Llama / Qwen2 in transformers, so weights map 1:1), grouped-query attention (num_kv_heads
   key/value heads shared by num_heads query heads), optional QK-norm, computed by
   `scaled_dot_product_attention` so the fused / flash kernels run where they exist;
+- the query/key/value projections, and the gate/up projections, each run as one matmul on their
+  weights stacked (`fused_projections`; state-dict keys unchanged, LoRA-wrapped layers run apart;
+  at inference the stacked weight is kept until a weight changes);
 - a SwiGLU feed-forward, down(silu(gate(x)) * up(x)); each block builds its feed-forward through
   `make_feed_forward`, the single place a Mixture-of-Experts layer (model/moe.py) replaces the
   dense one when the config has experts;
@@ -44,6 +47,34 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * self.weight.float()).type_as(x)
+
+
+def fused_projections(owner: nn.Module, x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
+    """x through several Linear layers that read the same input, as one matmul on their stacked
+    weights: one larger matmul (and one in backward) runs faster than three small ones, and the
+    parameters stay separate, so checkpoints, LoRA targets and transformers' names are unchanged.
+    Training stacks the weights every call (they change every step, and the copy is small next to
+    the matmul); without gradients the stack is kept on `owner` and rebuilt only when a weight
+    changes (its version counter moves: a new step, load_state_dict, merging LoRA)."""
+    if not all(type(linear) is nn.Linear for linear in linears):  # e.g. peft's LoRA wrappers
+        return tuple(linear(x) for linear in linears)
+    params = [t for linear in linears for t in (linear.weight, linear.bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+        weight, bias = _stack(linears)
+    else:
+        key = tuple((id(t), t._version, t.device, t.dtype) for t in params)
+        cached = getattr(owner, "_stacked_weights", None)
+        if cached is None or cached[0] != key:
+            cached = (key, *_stack(linears))
+            owner._stacked_weights = cached
+        weight, bias = cached[1], cached[2]
+    return F.linear(x, weight, bias).split([linear.out_features for linear in linears], dim=-1)
+
+
+def _stack(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([linear.weight for linear in linears])  # (sum of outputs, C)
+    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+    return weight, bias
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,9 +153,10 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KVH, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KVH, D)
+        q, k, v = fused_projections(self, x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KVH, D)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KVH, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KVH, T, D)
@@ -151,7 +183,8 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_projections(self, x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 def make_feed_forward(config: ModelConfig, layer: int) -> nn.Module:
