@@ -58,7 +58,7 @@ def test_activation_checkpointing_gives_identical_losses(tmp_path, tokenizer, sh
 
 
 def test_stacked_projections_follow_the_weights_at_inference():
-    model = Transformer(tiny_model_config()).eval()
+    model = Transformer(tiny_model_config()).prepare_for_decoding()
     inputs = torch.randint(0, 512, (1, 8))
     attention = model.layers[0].attn
     with torch.no_grad():
@@ -72,7 +72,8 @@ def test_stacked_projections_follow_the_weights_at_inference():
         attention.v_proj.weight.mul_(2.0)  # an in-place change (a step, a load) must not be missed
         after = model(inputs)
     assert not torch.allclose(before, after)
-    fresh = Transformer(tiny_model_config()).eval()
+    fresh = Transformer(tiny_model_config()).eval()  # not prepared: projections apart
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh(inputs), after)
+    assert not hasattr(fresh.layers[0].attn, "_stacked_weights")

@@ -94,7 +94,7 @@ def generate_tokens(
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     cache = model.allocate_cache(ids.shape[0], ids.shape[1] + steps) if use_cache else None
     was_training = model.training
-    model.eval()
+    model.prepare_for_decoding()
     try:
         logits = model(ids, cache=cache)[:, -1]  # (B, V)
         for _ in range(steps):

@@ -54,13 +54,18 @@ def fused_projections(owner: nn.Module, x: torch.Tensor, linears: tuple[nn.Linea
     weights: one larger matmul (and one in backward) runs faster than three small ones, and the
     parameters stay separate, so checkpoints, LoRA targets and transformers' names are unchanged.
     Training stacks the weights every call (they change every step, and the copy is small next to
-    the matmul); without gradients the stack is kept on `owner` and rebuilt only when a weight
-    changes (its version counter moves: a new step, load_state_dict, merging LoRA)."""
+    the matmul). Without gradients, stacking every call would copy every weight once per decoded
+    token, so a model prepared for decoding (`Transformer.prepare_for_decoding`) keeps the stack on
+    `owner`, rebuilt when a weight's version counter moves (load_state_dict, merging LoRA); any
+    other forward without gradients (validation during training, where FSDP refills weights
+    without moving their version) runs the projections apart."""
     if not all(type(linear) is nn.Linear for linear in linears):  # e.g. peft's LoRA wrappers
         return tuple(linear(x) for linear in linears)
     params = [t for linear in linears for t in (linear.weight, linear.bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
         weight, bias = _stack(linears)
+    elif not getattr(owner, "keep_stacked_weights", False):
+        return tuple(linear(x) for linear in linears)
     else:
         key = tuple((id(t), t._version, t.device, t.dtype) for t in params)
         cached = getattr(owner, "_stacked_weights", None)
@@ -332,6 +337,15 @@ class Transformer(nn.Module):
         from xiaolm.model.moe import update_expert_biases
 
         update_expert_biases(self, reduce)
+
+    def prepare_for_decoding(self) -> Transformer:
+        """Eval mode, and each block keeps its stacked q/k/v and gate/up weights between forwards
+        (`fused_projections`): what the decode loop calls once before its steps."""
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, (Attention, FeedForward)):
+                module.keep_stacked_weights = True
+        return self
 
     def allocate_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         param = self.embed_tokens.weight
