@@ -77,3 +77,19 @@ def test_stacked_projections_follow_the_weights_at_inference():
     with torch.no_grad():
         torch.testing.assert_close(fresh(inputs), after)
     assert not hasattr(fresh.layers[0].attn, "_stacked_weights")
+
+
+def test_training_drops_the_stacks_kept_for_decoding():
+    model = Transformer(tiny_model_config()).prepare_for_decoding()
+    inputs = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        model(inputs)
+    model.train()
+    with torch.no_grad():  # fused AdamW writes in place without moving version counters
+        for param in model.parameters():
+            param.add_(0.01)
+    model.eval()
+    with torch.no_grad():
+        expected = Transformer(tiny_model_config()).eval()
+        expected.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(inputs), expected(inputs))

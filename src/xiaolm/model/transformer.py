@@ -61,9 +61,9 @@ def fused_projections(owner: nn.Module, x: torch.Tensor, linears: tuple[nn.Linea
     Training stacks the weights every call (they change every step, and the copy is small next to
     the matmul). Without gradients, stacking every call would copy every weight once per decoded
     token, so a model prepared for decoding (`Transformer.prepare_for_decoding`) keeps the stack on
-    `owner`, rebuilt when a weight's version counter moves (load_state_dict, merging LoRA); any
-    other forward without gradients (validation during training, where FSDP refills weights
-    without moving their version) runs the projections apart."""
+    `owner` until it trains again, rebuilt when a weight's version counter moves (load_state_dict,
+    merging LoRA); any other forward without gradients (validation during training: fused AdamW and
+    FSDP write weights without moving their version) runs the projections apart."""
     if not all(type(linear) is nn.Linear for linear in linears):  # e.g. peft's LoRA wrappers
         return tuple(linear(x) for linear in linears)
     params = [t for linear in linears for t in (linear.weight, linear.bias) if t is not None]
@@ -404,12 +404,23 @@ class Transformer(nn.Module):
 
     def prepare_for_decoding(self) -> Transformer:
         """Eval mode, and each block keeps its stacked q/k/v and gate/up weights between forwards
-        (`fused_projections`): what the decode loop calls once before its steps."""
+        (`fused_projections`) until the model goes back to training: what the decode loop calls
+        once before its steps."""
         self.eval()
         for module in self.modules():
             if isinstance(module, (Attention, FeedForward)):
                 module.keep_stacked_weights = True
         return self
+
+    def train(self, mode: bool = True) -> Transformer:
+        """nn.Module.train; back in training, the stacks kept for decoding are dropped: optimizers
+        update weights in place, and a fused one does so without moving their version counter."""
+        if mode:
+            for module in self.modules():
+                if isinstance(module, (Attention, FeedForward)):
+                    module.keep_stacked_weights = False
+                    module._stacked_weights = None
+        return super().train(mode)
 
     def allocate_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         param = self.embed_tokens.weight
