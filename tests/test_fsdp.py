@@ -9,18 +9,12 @@ import torch
 from xiaolm import checkpoint as ckpt
 from xiaolm.cli import main
 
-from conftest import sample_texts
-from test_ddp import TINY_FLAGS, read_losses, run_cli
+from test_ddp import TINY_FLAGS, read_losses, run_cli, write_sample_data
 
 
 @pytest.mark.slow
 def test_fsdp_matches_one_process_and_resumes_across_world_sizes(tmp_path, tokenizer_dir):
-    with open(tmp_path / "train.jsonl", "w") as handle:
-        for text in sample_texts("train", limit=150):
-            handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    with open(tmp_path / "val.jsonl", "w") as handle:
-        for text in sample_texts("val", limit=30):
-            handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    write_sample_data(tmp_path)
     common = ["pretrain", "--data", "train.jsonl", "--val-data", "val.jsonl", "--tokenizer", str(tokenizer_dir),
               *TINY_FLAGS, "--save-every", "2", "--keep-checkpoints", "4"]
     two, one = ["--batch-size", "2", "--fsdp"], ["--batch-size", "4"]
