@@ -326,7 +326,7 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
 
 
 class RequestLog:
-    """ASGI middleware: one log line per request, when its response has been sent: status, and for
+    """ASGI middleware: one log line per request, as its response ends: status, and for
     generations prompt/completion tokens, time to first token and tokens per second."""
 
     def __init__(self, app) -> None:
@@ -335,18 +335,25 @@ class RequestLog:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), [0]
+        started, status, logged = time.perf_counter(), [0], [False]
         scope.setdefault("state", {})
+
+        def log() -> None:
+            if not logged[0]:
+                logged[0] = True
+                logger.info(request_line(scope, status[0], time.perf_counter() - started))
 
         async def logging_send(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                log()  # before the last byte leaves: a client that has its answer finds the line written
             await send(message)
 
         try:
             await self.app(scope, receive, logging_send)
         finally:
-            logger.info(request_line(scope, status[0], time.perf_counter() - started))
+            log()
 
 
 def request_line(scope, status: int, seconds: float) -> str:
