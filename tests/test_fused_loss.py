@@ -63,7 +63,8 @@ def test_stacked_projections_follow_the_weights_at_inference():
     attention = model.layers[0].attn
     with torch.no_grad():
         before = model(inputs)
-        assert attention._stacked_weights[1].shape == (64 + 2 * 32, 64)  # q, k, v stacked and kept
+        kept = attention._stacked_weights[id(attention.q_proj)][1]
+        assert kept.shape == (64, 64 + 2 * 32)  # q, k, v stacked, transposed and kept
         separate = torch.cat([attention.q_proj(attention_input := torch.randn(3, 64)),
                               attention.k_proj(attention_input), attention.v_proj(attention_input)], dim=-1)
         stacked = torch.cat(fused_projections(attention, attention_input,

@@ -107,3 +107,32 @@ def test_causality():
         a, b = model(ids), model(changed)
     torch.testing.assert_close(a[:, :10], b[:, :10])
     assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 40])
+def test_chunked_prefill_equals_one_shot_prefill(chunk_size):
+    # a prompt fed in chunks gives the next-token logits and the cache of one forward over all of it
+    model = Transformer(tiny_model_config(qkv_bias=True)).prepare_for_decoding()
+    prompts = torch.randint(0, 512, (2, 23))
+    with torch.no_grad():
+        one_shot = model.allocate_cache(2, 30)
+        expected = model(prompts, cache=one_shot)[:, -1]
+        chunked = model.allocate_cache(2, 30)
+        logits = model.prefill(prompts, chunked, chunk_size)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert chunked.lengths.tolist() == [23, 23]
+    torch.testing.assert_close(chunked.keys, one_shot.keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.values, one_shot.values, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_prefills_long_prompts_in_chunks_with_the_same_tokens():
+    model = Transformer(tiny_model_config()).eval()
+    prompt = torch.randint(0, 512, (40,)).tolist()
+    outputs = []
+    for chunk in (1000, 16, 5):  # one forward, then three chunks, then eight
+        request = Request(prompt, SamplingConfig(max_new_tokens=12, temperature=0))
+        Engine(model, None, prefill_chunk=chunk).run([request])
+        outputs.append(request.output_ids)
+    assert outputs[0] == outputs[1] == outputs[2] == greedy_reference(model, prompt, 12)
+    with pytest.raises(ValueError, match="prefill_chunk must be at least 1"):
+        Engine(model, None, prefill_chunk=0)

@@ -1,8 +1,9 @@
 """The one decode path of `xiaolm generate`, `chat` and `serve`: continuous batching over a slot pool.
 
 A fixed number of slots share one preallocated KV cache, one row per slot. A new request is
-prefilled into a free slot in one forward. Then every step runs one forward for all active slots
-together (each row at its own position, model/kv_cache.py), samples every row with its own settings
+prefilled into a free slot, `prefill_chunk` tokens per forward (memory stays flat however long the
+prompt). Then every step runs one forward for all active slots together (each row at its own
+position, model/kv_cache.py), samples every row with its own settings
 and generator (inference/sampling.py), and streams each request's text a whole character at a
 time. A request that ends (a stop token, a stop string, its token limit, the context) or is
 cancelled frees its slot at once, and the last active slot moves into the hole, so the active rows
@@ -32,6 +33,8 @@ FINISH_STOP = "stop"  # a stop token or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens, or the context is full
 FINISH_CANCELLED = "cancelled"  # the caller went away
 FINISH_ERROR = "error"  # the engine failed while the request ran (message in Request.error)
+PREFILL_CHUNK = 256
+"""Prompt tokens per prefill forward: long prompts are prefilled a chunk at a time so memory stays flat."""
 
 
 class QueueFull(Exception):
@@ -149,9 +152,13 @@ class Engine:
     unless smaller). Puts the model in eval mode. Without a tokenizer requests get token ids only."""
 
     def __init__(self, model: Transformer, tokenizer: XiaoTokenizer | None, num_slots: int = 1,
-                 max_len: int | None = None, max_waiting: int | None = None) -> None:
+                 max_len: int | None = None, max_waiting: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
         if num_slots < 1:
             raise ValueError("num_slots must be at least 1")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model = model.prepare_for_decoding()
         self.tokenizer = tokenizer
         self.num_slots = num_slots
@@ -235,7 +242,7 @@ class Engine:
             self.running.append(running)  # first: if the prefill fails, `abort` still ends this request
             prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)  # (1, P)
             self.cache.lengths[row] = 0
-            new_logits.append(self.model(prompt, cache=self.cache.rows(row, row + 1))[:, -1])  # (1, V)
+            new_logits.append(self.model.prefill(prompt, self.cache.rows(row, row + 1), self.prefill_chunk))  # (1, V)
             self.seen[row] = False
             self.seen[row, prompt[0]] = True
             self.counts[row] = 0
@@ -309,7 +316,7 @@ class Engine:
         logits = penalize(logits, configs, self.seen[:num_rows], self.counts[:num_rows])
         tokens = sample_rows(logits, configs, [r.generator for r in self.running])
         index = torch.arange(num_rows, device=self.device)
-        token_tensor = torch.tensor(tokens, device=self.device)
+        token_tensor = torch.tensor(tokens, dtype=torch.long, device=self.device)  # (n,)
         self.seen[index, token_tensor] = True
         self.counts[index, token_tensor] += 1
         finished = [row for row, (running, token) in enumerate(zip(self.running, tokens))
@@ -318,14 +325,18 @@ class Engine:
             self._release(row, tokens)
         if not self.running:
             return True
-        self.next_logits = self.decode(torch.tensor(tokens, dtype=torch.long, device=self.device))
+        if finished:  # rows moved: the tokens of the rows still running, in their new order
+            token_tensor = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        self.next_logits = self.decode(token_tensor)
         return True
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """The decode forward: one new token for each active row (n,), every row at its own position
         in rows [0, n) of the cache; the logits of what comes next (n, V). The one place a faster
         step (static shapes, compiled) plugs in."""
-        return self.model(tokens[:, None], cache=self.cache.rows(0, tokens.shape[0]))[:, -1]
+        num_rows = tokens.shape[0]
+        cache = self.cache if num_rows == self.num_slots else self.cache.rows(0, num_rows)
+        return self.model(tokens[:, None], cache=cache)[:, -1]
 
     def abort(self, reason: str = FINISH_CANCELLED, error: str | None = None) -> None:
         """End every running and waiting request (after an interruption or a failed step)."""
