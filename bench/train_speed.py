@@ -1,8 +1,9 @@
 """Training tokens/s of xiaolm's Transformer against transformers' LlamaForCausalLM.
 
-One step = forward + cross-entropy + backward + gradient clipping + AdamW step, the same step
-`xiaolm.train.loop` runs. Both models have the same shape and the same weights, train on the
-same random token batches, and use the same loss and optimizer code; only the model differs.
+One step = forward + cross-entropy + backward + gradient clipping + AdamW step: xiaolm's own
+`train_step` (xiaolm.train.loop) for both. Both models have the same shape and the same weights,
+train on the same random token batches, and use the same loss and optimizer code; only the model
+differs.
 Steps of the two are interleaved in one process and the medians compared.
 
     python bench/train_speed.py --shapes 512x4 256x8 --precisions fp32 bf16 --steps 6
@@ -18,6 +19,7 @@ import torch
 from common import (
     build_hf_llama,
     cpu_flags,
+    hf_next_token_loss,
     interleaved_times,
     make_train_step,
     markdown_table,
@@ -25,9 +27,9 @@ from common import (
     print_report,
     spread,
 )
-from xiaolm.config import ModelConfig, TrainConfig
+from xiaolm.config import ModelConfig
 from xiaolm.model.transformer import Transformer
-from xiaolm.train.optim import build_optimizer
+from xiaolm.train.stages import next_token_loss
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -36,14 +38,6 @@ def parse_shape(text: str) -> tuple[int, int]:
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"shape {text!r} is not SEQxBATCH, e.g. 512x4") from error
     return seq_len, batch_size
-
-
-def xiaolm_forward(model, inputs):
-    return model(inputs)
-
-
-def hf_forward(model, inputs):
-    return model(input_ids=inputs, use_cache=False).logits
 
 
 def main() -> None:
@@ -76,15 +70,9 @@ def main() -> None:
             for _ in range(4):
                 tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=generator)
                 batches.append((tokens[:, :-1], tokens[:, 1:]))
-            train_cfg = TrainConfig(lr=1e-4, weight_decay=0.1)
-            peers = [("xiaolm", xiaolm_forward, xiao), ("transformers", hf_forward, hf)]
-            steps = {
-                name: make_train_step(
-                    forward, model, build_optimizer(model.named_parameters(), train_cfg, "cpu"),
-                    batches, precision,
-                )
-                for name, forward, model in peers
-            }
+            peers = [("xiaolm", next_token_loss, xiao), ("transformers", hf_next_token_loss, hf)]
+            steps = {name: make_train_step(model, batches, precision, lr=1e-4, compute_loss=loss)
+                     for name, loss, model in peers}
             # same weights, same batch: the first losses must agree, or the comparison is void
             first = {name: step() for name, step in steps.items()}
             if abs(first["xiaolm"] - first["transformers"]) > 1e-2 * abs(first["xiaolm"]):

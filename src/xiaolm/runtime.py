@@ -11,7 +11,7 @@ import contextlib
 import random
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +99,20 @@ def rank_batches(num_items: int, batch_size: int, num_batches: int, ctx: DistCon
     first = ctx.rank * per_rank
     for start in range(first, first + per_rank, batch_size):
         yield range(start, min(start + batch_size, first + per_rank))
+
+
+def evaluation_sums(runtime: Runtime, num_items: int, batch_size: int, num_batches: int, num_sums: int,
+                    batch_sums: Callable[[range], torch.Tensor]) -> torch.Tensor:
+    """Sums over the first items of an evaluation set, all ranks together (`rank_batches`: each
+    takes its share). `batch_sums(indices)` gives one batch's `num_sums` float64 sums (nats, tokens,
+    ...) on the runtime's device; it runs under the runtime's autocast. Every stage's validation
+    and `xiaolm eval ppl` go through it; call it on every rank (it all-reduces)."""
+    totals = torch.zeros(num_sums, dtype=torch.float64, device=runtime.device)
+    for indices in rank_batches(num_items, batch_size, num_batches, runtime.ctx):
+        with runtime.autocast():
+            sums = batch_sums(indices)
+        totals += sums
+    return all_reduce_sum(totals, runtime.ctx)
 
 
 def shutdown_distributed() -> None:

@@ -1,7 +1,8 @@
-"""`xiaolm speedrun`: corpus -> tokenizer -> pretraining -> samples -> evals -> report card, in one command.
+"""`xiaolm speedrun`: corpus -> tokenizer -> pretraining -> samples -> evals -> SFT -> DPO -> chat
+samples -> report card, in one command.
 
 Every stage caches or resumes: running the command again after a kill picks up where it
-stopped (the corpus and token shards are reused, pretraining resumes from its checkpoint).
+stopped (the corpus and token shards are reused, each training stage resumes from its checkpoint).
 """
 
 from __future__ import annotations
@@ -12,22 +13,30 @@ from pathlib import Path
 from typing import Any
 
 from xiaolm.checkpoint import load_model
-from xiaolm.config import CHAT_SAMPLING, ModelConfig, TrainConfig, to_dict
+from xiaolm.config import (
+    SAMPLING_PRESETS,
+    SHARED_TRAIN_FIELDS,
+    McqConfig,
+    ModelConfig,
+    TrainConfig,
+    default_cache_dir,
+    to_dict,
+)
 from xiaolm.data.readers import iter_documents
 from xiaolm.data.shards import read_meta, write_shards
-from xiaolm.eval.mcq import McqConfig, evaluate_mcq, load_exam, write_mcq_results
+from xiaolm.eval.mcq import evaluate_mcq, load_exam, write_mcq_results
 from xiaolm.eval.ppl import evaluate_shards
 from xiaolm.eval.report import render_report
 from xiaolm.inference.generate import SamplingConfig
 from xiaolm.inference.session import stream_completion
 from xiaolm.tokenizer.bpe import IM_END, load_tokenizer, train_tokenizer
-from xiaolm.train.pretrain import pretrain
+from xiaolm.train.runners import run_pretrain
 from xiaolm.utils import spread_sample
 
 SAMPLE_PROMPTS = ["中华人民共和国", "三国时期，", "今天天气很好，", "本法所称", "我觉得这本书", "To be, or not to be"]
 EXAMS = Path(__file__).resolve().parents[2] / "data" / "exams"
 """The committed exam set (C-Eval layout); absent from an installed wheel, then the MCQ eval is skipped."""
-EXAM_QUESTIONS_PER_SUBJECT = 40
+NUM_EXAM_QUESTIONS_PER_SUBJECT = 40
 """Enough to tell a trained model from chance, and seconds on a CPU."""
 
 
@@ -38,7 +47,7 @@ def speedrun(
     include_npm: bool | None = None,
     corpus: Path | None = None,
     tokenizer_chars: int = 5_000_000,
-    cache_dir: Path = Path.home() / ".cache" / "xiaolm",
+    cache_dir: Path | None = None,
     model_overrides: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
     exams: Path | None = EXAMS,
@@ -46,8 +55,12 @@ def speedrun(
     dpo_steps: int = 30,
     sft_seq_len: int = 128,
 ) -> dict[str, Any]:
+    """The whole pipeline into `out`. `cache_dir` (default: `config.default_cache_dir()`) holds the
+    fetched packages and the default corpus; `train_overrides` set pretraining, and of them only
+    SHARED_TRAIN_FIELDS reach SFT and DPO, which otherwise run their own presets."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {"preset": preset}
 
@@ -96,19 +109,19 @@ def speedrun(
     model_cfg = ModelConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, **(model_overrides or {}))
     train_cfg = TrainConfig.from_preset(preset, **{"out_dir": str(out / "pretrain"), "resume": True,
                                                    **(train_overrides or {})})
-    result = pretrain(model_cfg, train_cfg, tokenizer, shards["train"], shards["val"])
+    result = run_pretrain(model_cfg, train_cfg, tokenizer, shards["train"], shards["val"])
     timings["pretrain"] = time.perf_counter() - started
     summary["run_info"] = json.loads((out / "pretrain" / "run_info.json").read_text())
     summary["model"] = to_dict(model_cfg)
     summary["train"] = to_dict(train_cfg)
-    summary["pretrain"] = {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
+    summary["pretrain"] = {"steps": result.num_steps, "tokens": result.num_tokens, "seconds": result.seconds,
                            "checkpoint": str(result.checkpoint), **result.last_eval}
 
     started = stage("samples")
     loaded = load_model(out / "pretrain")
     model, tokenizer = loaded.model, loaded.tokenizer
     summary["num_parameters"] = model.num_parameters()
-    sampling = SamplingConfig(max_new_tokens=60, temperature=0.8, top_p=0.95, repetition_penalty=1.1, seed=0)
+    sampling = SamplingConfig.from_preset("generate", max_new_tokens=60, seed=0)
     samples = []
     for prompt in SAMPLE_PROMPTS:
         text = "".join(stream_completion(model, tokenizer, prompt, sampling))
@@ -122,11 +135,11 @@ def speedrun(
     evals.mkdir(exist_ok=True)
     # the windows validation used during training: the number must match the last val_bpb
     ppl = evaluate_shards(model, tokenizer, shards["val"], seq_len=train_cfg.seq_len, batch_size=train_cfg.batch_size,
-                          max_batches=train_cfg.eval_batches)
+                          max_batches=train_cfg.num_eval_batches)
     (evals / "ppl_val.json").write_text(json.dumps({**ppl, "name": "ppl_val"}, indent=2) + "\n")
     print(f"val: loss {ppl['loss']:.4f}, perplexity {ppl['perplexity']:.1f}, {ppl['bpb']:.4f} bits/byte")
     if exams is not None and Path(exams).is_dir():
-        exam = load_exam(exams, "val", limit=EXAM_QUESTIONS_PER_SUBJECT)
+        exam = load_exam(exams, "val", limit=NUM_EXAM_QUESTIONS_PER_SUBJECT)
         result = evaluate_mcq(model, tokenizer, exam, McqConfig(progress=False))
         write_mcq_results(result, evals, "mcq_exams_val_letter_0shot")
         overall = result["summary"]["overall"]
@@ -151,7 +164,7 @@ CHAT_QUESTIONS = ["你好，你是谁？", "中国的首都是哪里？", "请�
 
 def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *, corpus: Path, cache_dir: Path,
                 sft_steps: int, dpo_steps: int, sft_seq_len: int, train_overrides: dict[str, Any]) -> None:
-    """chat data -> SFT -> DPO (train/align.py) -> answers to CHAT_QUESTIONS before and after each.
+    """chat data -> SFT -> DPO (train/runners.py) -> answers to CHAT_QUESTIONS before and after each.
 
     SFT runs at `sft_seq_len` with the tokens per step of the preset (the batch grows as the
     sequence shrinks). Only replies that fit whole are trained on (truncate="turns"), so at 128
@@ -159,7 +172,7 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
     replies cut at 256 tokens in docs/benchmarks.md, "Learning to stop").
     """
     from xiaolm.data.chat import build_chat_data
-    from xiaolm.train.align import run_dpo, run_sft
+    from xiaolm.train.runners import run_dpo, run_sft
 
     def stage(name: str) -> float:
         print(f"\n== {name} ==", flush=True)
@@ -171,16 +184,15 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
         chat_dir = out / "chat"
         build_chat_data(chat_dir, cache_dir / "packages")
     timings["chat data"] = time.perf_counter() - started
-    # the pretraining run's device and precision, the stages' own schedules
-    keep = {k: v for k, v in train_overrides.items() if k in ("device", "precision", "compile", "progress")}
+    # the pretraining run's device, precision, seed, logging...; the stages' own schedules
+    keep = {k: v for k, v in train_overrides.items() if k in SHARED_TRAIN_FIELDS}
     stages = [("pretrain", out / "pretrain")]
 
     started = stage("sft")
     cfg = sft_config(sft_seq_len, out_dir=str(out / "sft"), resume=True, max_steps=sft_steps, **keep)
     result = run_sft(out / "pretrain", [chat_dir / "sft" / "train.jsonl"], cfg, val_data=[chat_dir / "sft" / "val.jsonl"])
     render_report(out / "sft")  # each stage's folder keeps its own curves
-    summary["sft"] = {"steps": result.steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
-                      **result.last_eval}
+    summary["sft"] = stage_summary(result)
     stages.append(("sft", out / "sft"))
     timings["sft"] = time.perf_counter() - started
     if dpo_steps > 0:
@@ -189,8 +201,7 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
                                                 **keep})
         result = run_dpo(out / "sft", [chat_dir / "dpo" / "train.jsonl"], cfg, val_data=[chat_dir / "dpo" / "val.jsonl"])
         render_report(out / "dpo")
-        summary["dpo"] = {"steps": result.steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
-                          **result.last_eval}
+        summary["dpo"] = stage_summary(result)
         stages.append(("dpo", out / "dpo"))
         timings["dpo"] = time.perf_counter() - started
 
@@ -198,6 +209,12 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
     summary["chat"] = chat_samples(stages, held_out_prompts(chat_dir))
     timings["chat samples"] = time.perf_counter() - started
     summary.setdefault("extra_sections", []).append({"title": "Chat", "markdown": chat_markdown(summary)})
+
+
+def stage_summary(result) -> dict[str, Any]:
+    """What summary.json keeps of a chat stage's run."""
+    return {"steps": result.num_steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
+            **result.last_eval}
 
 
 def sft_config(seq_len: int, **overrides: Any) -> TrainConfig:
@@ -208,12 +225,12 @@ def sft_config(seq_len: int, **overrides: Any) -> TrainConfig:
     return TrainConfig.from_preset("sft", **{"seq_len": seq_len, "batch_size": batch_size, **overrides})
 
 
-HELD_OUT_PROMPTS = 30
+NUM_HELD_OUT_PROMPTS = 30
 """First user messages of this many held-out SFT conversations, asked of the SFT and DPO models:
 how often a model ends its answer itself, on more than the fixed questions."""
 
 
-def held_out_prompts(chat_dir: Path, limit: int = HELD_OUT_PROMPTS) -> list[str]:
+def held_out_prompts(chat_dir: Path, limit: int = NUM_HELD_OUT_PROMPTS) -> list[str]:
     """The first user message of each of the first `limit` conversations in CHAT/sft/val.jsonl."""
     from xiaolm.data.chat import read_conversations
 
@@ -226,7 +243,7 @@ def sample_answer(model, tokenizer, question: str, seed: int) -> tuple[str, str 
     token that ended it (None: the token limit did)."""
     from xiaolm.inference.chat import ChatSession
 
-    session = ChatSession(model, tokenizer, SamplingConfig(**CHAT_SAMPLING, seed=seed))
+    session = ChatSession(model, tokenizer, SamplingConfig.from_preset("chat", seed=seed))
     text = "".join(session.reply(question))
     return text, None if session.last_stop_id is None else tokenizer.decode([session.last_stop_id])
 
@@ -261,7 +278,7 @@ def chat_markdown(summary: dict[str, Any]) -> str:
                                 if isinstance(v, float) and k.startswith("val_"))
             lines.append(f"- {name.upper()}: {summary[name]['steps']} steps in {summary[name]['seconds']:.0f} s; {metrics}")
     chat = summary["chat"]
-    settings = ", ".join(f"{k} {v}" for k, v in CHAT_SAMPLING.items())
+    settings = ", ".join(f"{k} {v}" for k, v in SAMPLING_PRESETS["chat"].items())
     lines += ["", f"Answers in the chat template, sampled with `xiaolm chat`'s settings ({settings}; seed = "
               "question number). Stopped: the model ended its answer with <|im_end|> itself (an answer cut by "
               "the token limit ends with ..., one ended by <|endoftext|> is marked so); held out: the first user "

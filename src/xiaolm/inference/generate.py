@@ -5,20 +5,28 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from xiaolm.config import SAMPLING_PRESETS, doc, from_preset
 from xiaolm.model.transformer import Transformer
 
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.8  # 0 means greedy
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0  # 1 disables
-    repetition_penalty: float = 1.0  # 1 disables; >1 discourages tokens already in the context
-    seed: int | None = None
+    """How text is sampled; the commands start from a named preset (config.SAMPLING_PRESETS)."""
+
+    max_new_tokens: int = doc("Tokens to generate at most (the model's context may stop it sooner).", 128)
+    temperature: float = doc("Softmax temperature; 0 means greedy.", 0.8)
+    top_k: int = doc("Sample among the k most likely tokens; 0 disables.", 0)
+    top_p: float = doc("Sample among the most likely tokens that cover probability p; 1 disables.", 1.0)
+    repetition_penalty: float = doc("Above 1 discourages tokens already in the context; 1 disables.", 1.0)
+    seed: int | None = doc("Seed of the sampler, for repeatable samples.", None)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> SamplingConfig:
+        return from_preset(cls, SAMPLING_PRESETS, "sampling", name, overrides)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:

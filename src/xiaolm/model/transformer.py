@@ -207,12 +207,15 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V).
+        return_aux_loss: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids (B, T) -> logits (B, T, V); with `return_aux_loss`, (logits, aux_loss).
 
         With a cache, positions start at `cache.length` and the cache advances by T.
         `attn_mask` (bool, broadcastable to (B, H, T, S), True = may attend) overrides the causal
-        mask, e.g. to keep packed documents apart.
+        mask, e.g. to keep packed documents apart. `aux_loss` is what the training loss adds for
+        this forward: the MoE load-balancing loss times moe_aux_loss_coef; None for a dense model,
+        in eval mode, or with the loss off.
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -232,14 +235,15 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, attn_mask)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.norm(x))  # (B, T, V)
-
-    def aux_loss(self) -> torch.Tensor | None:
-        """What the training loss adds for the latest training-mode forward: the MoE load-balancing
-        loss times its coefficient; None for a dense model, in eval mode, or with the loss off."""
-        from xiaolm.model.moe import total_aux_loss
-
-        return total_aux_loss(self, self.config.moe_aux_loss_coef)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if not return_aux_loss:
+            return logits
+        # each MoE layer's load-balancing loss of this forward (model/moe.py; None in eval mode)
+        balance = [block.mlp.last_aux_loss for block in self.layers
+                   if getattr(block.mlp, "last_aux_loss", None) is not None]
+        if not balance or not self.config.moe_aux_loss_coef:
+            return logits, None
+        return logits, self.config.moe_aux_loss_coef * torch.stack(balance).sum()
 
     def training_metrics(self, reduce) -> dict:
         """Extra metrics logged by the training loop (MoE expert load and balance loss)."""
