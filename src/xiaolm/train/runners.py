@@ -14,7 +14,9 @@ from typing import Any
 
 from xiaolm.checkpoint import load_model
 from xiaolm.config import MODEL_PRESETS, LoraConfig, ModelConfig, TrainConfig, fit_seq_len, to_dict
-from xiaolm.data.chat import SftData, build_sft_data, read_conversations, read_preferences, split_held_out
+from xiaolm.data.chat_formats import read_conversations, read_preferences
+from xiaolm.data.chat_tokens import SftData, build_sft_data
+from xiaolm.data.corpus import split_held_out
 from xiaolm.data.readers import ReadStats
 from xiaolm.data.shards import PackedTokens
 from xiaolm.eval.ppl import token_num_bytes
@@ -99,8 +101,7 @@ def load_chat_splits(data: Sequence[str | Path], val_data: Sequence[str | Path] 
         train_items, val_items = split_held_out(train_items, val_fraction, key=key)
     else:
         val_items = []
-    if stats.num_bad:
-        print(f"skipped {stats.num_bad} bad record(s); first: {stats.bad_examples[:3]}")
+    stats.report_skipped()
     if not train_items:
         raise ValueError(f"no training records in {[str(p) for p in data]}")
     return train_items, val_items

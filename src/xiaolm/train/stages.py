@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from xiaolm.config import TrainConfig
-from xiaolm.data.chat import IGNORE_INDEX, PreferencePair, SftData, document_mask, tokenize_preference
+from xiaolm.data.chat_formats import PreferencePair
+from xiaolm.data.chat_tokens import IGNORE_INDEX, SftData, tokenize_preference
 from xiaolm.data.shards import PackedTokens
 from xiaolm.eval.ppl import evaluate_packed
+from xiaolm.model.transformer import document_mask
 from xiaolm.runtime import Runtime, evaluation_sums
 from xiaolm.tokenizer.bpe import XiaoTokenizer
 from xiaolm.train.loop import Batch, Stage, StageLoss
