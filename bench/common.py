@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from xiaolm.config import ModelConfig, TrainConfig
-from xiaolm.hf import build_llama
+from xiaolm.interop.hf_export import build_hf_model
 from xiaolm.model.transformer import Transformer
 from xiaolm.runtime import Runtime
 from xiaolm.train.loop import Batch, Stage, StageLoss, init_train_state, train_step
@@ -28,10 +28,10 @@ from xiaolm.train.stages import next_token_loss
 
 
 def build_hf_llama(config: ModelConfig, source: Transformer | None = None):
-    """transformers' LlamaForCausalLM with xiaolm's shape and SDPA attention (xiaolm/hf.py, the
+    """transformers' LlamaForCausalLM with xiaolm's shape and SDPA attention (interop/hf_export.py, the
     export's own mapping); with `source`, its weights are copied over so both models compute the
     same function."""
-    return build_llama(config, source.state_dict() if source is not None else None)
+    return build_hf_model(config, source)
 
 
 def make_train_step(model, batches, precision: str = "fp32", *, lr: float = 1e-4,

@@ -226,11 +226,16 @@ def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Seque
         check_same_tokenizer(tokenizer, loaded.tokenizer)
     elif str(student) in MODEL_PRESETS:
         with seeded(cfg.seed):
-            model = Transformer(ModelConfig.from_preset(str(student), vocab_size=tokenizer.vocab_size,
+            # as many output rows as the teacher (an imported model's embedding may be padded)
+            model = Transformer(ModelConfig.from_preset(str(student), vocab_size=teacher.config.vocab_size,
                                                         **(student_overrides or {})))
     else:
         raise ValueError(f"--student {student}: no checkpoint there and not a model preset "
                          f"({sorted(MODEL_PRESETS)})")
+    if model.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(f"teacher and student must have as many output rows (teacher: "
+                         f"{teacher.config.vocab_size}, student: {model.config.vocab_size}); distillation "
+                         "compares logits token by token")
     cfg = with_seq_len_fitted(cfg, model.config, teacher.config)
     train_data, val = load_sft_splits(data, val_data, tokenizer, cfg, fmt=fmt, pack=pack, truncate=truncate,
                                       val_fraction=val_fraction, skip_bad=skip_bad)

@@ -179,7 +179,7 @@ def build_preference_data(pairs: Sequence[PreferencePair], tokenizer: XiaoTokeni
     if not examples:
         raise ValueError(f"no preference pair fits in seq_len={max_len} ({num_dropped} dropped); raise "
                          "--seq-len" + (" or pass --truncate tokens" if truncate == "turns" else ""))
-    return PreferenceData(examples, tokenizer.eos_id, num_dropped)
+    return PreferenceData(examples, tokenizer.pad_id, num_dropped)
 
 
 def preference_batch(data: PreferenceData, indices: Sequence[int]) -> Batch:
