@@ -39,7 +39,7 @@ def make_train_step(model, batches, precision: str = "fp32", *, lr: float = 1e-4
     """A closure running xiaolm's training step (`xiaolm.train.loop.train_step`: forward,
     `compute_loss` plus an MoE model's balance loss, backward, clipping to norm 1, AdamW at a
     constant `lr`) on the next of `batches`, (inputs, targets) pairs, cycled; it returns the loss."""
-    cfg = TrainConfig(lr=lr, warmup_steps=0, min_lr_ratio=1.0)
+    cfg = TrainConfig(lr=lr, warmup_steps=0, min_lr_ratio=1.0, precision=precision)
     state = init_train_state(model, cfg, Runtime(torch.device("cpu"), precision))
 
     def train_batch(samples: range) -> Batch:

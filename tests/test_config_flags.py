@@ -15,7 +15,7 @@ from xiaolm.config import (
     default_cache_dir,
     fit_seq_len,
 )
-from xiaolm.inference.generate import SamplingConfig
+from xiaolm.inference.sampling import SamplingConfig
 
 from chat_helpers import SFT_TRAIN, make_checkpoint
 from conftest import SAMPLE, tiny_model_config, tiny_train_config

@@ -1,5 +1,6 @@
 """LoRA via peft: merged equals unmerged, only adapters train, peft-format adapters, merge command, DPO."""
 
+import dataclasses
 import json
 
 import torch
@@ -40,7 +41,7 @@ def test_lora_sft_resumes_saves_peft_adapters_and_merges(tmp_path, tokenizer):
     cfg = tiny_train_config(tmp_path / "a", seq_len=64, max_steps=4, save_every=2, eval_every=0, lr=1e-2)
     run_sft(start, [SFT_TRAIN], cfg, val_fraction=0, lora=settings)
     cfg_b = tiny_train_config(tmp_path / "b", seq_len=64, max_steps=4, save_every=2, eval_every=0, lr=1e-2)
-    run_sft(start, [SFT_TRAIN], cfg_b, val_fraction=0, lora=settings, stop_after_steps=2)
+    run_sft(start, [SFT_TRAIN], dataclasses.replace(cfg_b, stop_after_steps=2), val_fraction=0, lora=settings)
     cfg_b.resume = True
     run_sft(start, [SFT_TRAIN], cfg_b, val_fraction=0, lora=settings)
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "metrics.jsonl")] for run in "ab"]

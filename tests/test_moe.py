@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from xiaolm.config import ModelConfig
-from xiaolm.inference.generate import SamplingConfig, generate_tokens
+from xiaolm.inference.engine import Engine, Request
+from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.model.moe import (
     MoEFeedForward,
     balance_loss,
@@ -20,7 +21,7 @@ from xiaolm import checkpoint as ckpt
 from xiaolm.train.runners import run_pretrain
 from xiaolm.train.stages import next_token_loss
 
-from conftest import sample_texts, tiny_model_config, tiny_train_config
+from conftest import greedy_reference, sample_texts, tiny_model_config, tiny_train_config
 
 
 def tiny_moe_config(**overrides) -> ModelConfig:
@@ -114,13 +115,13 @@ def test_kv_cache_decode_equals_full_forward(overrides):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_generation_with_cache_equals_without():
+def test_greedy_engine_equals_full_forward_decoding():
     model = Transformer(tiny_moe_config(num_shared_experts=1)).eval()
-    prompt = torch.randint(0, 512, (2, 5))
-    cfg = SamplingConfig(max_new_tokens=12, temperature=0)
-    with_cache = torch.stack(list(generate_tokens(model, prompt, cfg, use_cache=True)), dim=1)
-    without = torch.stack(list(generate_tokens(model, prompt, cfg, use_cache=False)), dim=1)
-    assert torch.equal(with_cache, without)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (5, 8)]  # rows at different positions
+    requests = [Request(p, SamplingConfig(max_new_tokens=12, temperature=0)) for p in prompts]
+    Engine(model, None, num_slots=2).run(requests)
+    for prompt, request in zip(prompts, requests):
+        assert request.output_ids == greedy_reference(model, prompt, 12)
 
 
 def test_training_loss_includes_the_weighted_aux_loss():
@@ -209,8 +210,8 @@ def test_moe_trains_logs_load_and_resumes_exactly(tmp_path, tokenizer, shards):
         assert len(record["expert_load"]) == 1  # one MoE layer: the first block is dense
         assert len(record["expert_load"][0]) == 4 and sum(record["expert_load"][0]) == pytest.approx(1.0, abs=1e-4)
         assert record["aux_loss"] >= 1.0 - 1e-6
-    half = tiny_train_config(tmp_path / "half", max_steps=8, save_every=4, log_every=2)
-    run_pretrain(tiny_moe_config(**model_cfg), half, tokenizer, *shards, stop_after_steps=4)
+    half = tiny_train_config(tmp_path / "half", max_steps=8, save_every=4, log_every=2, stop_after_steps=4)
+    run_pretrain(tiny_moe_config(**model_cfg), half, tokenizer, *shards)
     resumed = tiny_train_config(tmp_path / "half", max_steps=8, save_every=4, log_every=2, resume=True)
     run_pretrain(tiny_moe_config(**model_cfg), resumed, tokenizer, *shards)
     assert [r["loss"] for r in records(tmp_path / "half") if "tok_per_s" in r] == [r["loss"] for r in logged]

@@ -1,5 +1,6 @@
 """SFT: packed conversations stay apart, the stage trains and resumes on the one loop, `xiaolm sft`."""
 
+import dataclasses
 import json
 
 import torch
@@ -53,7 +54,8 @@ def test_sft_trains_validates_and_resumes_exactly(tmp_path, tokenizer):
     # killed after step 2, resumed: the same losses as the run that was never interrupted
     cfg_b = tiny_train_config(tmp_path / "b", seq_len=64, max_steps=4, save_every=2, eval_every=4,
                               num_eval_batches=1, lr=3e-3)
-    run_sft(start, [SFT_TRAIN], cfg_b, val_data=[SFT_VAL], truncate="tokens", stop_after_steps=2)
+    run_sft(start, [SFT_TRAIN], dataclasses.replace(cfg_b, stop_after_steps=2), val_data=[SFT_VAL],
+            truncate="tokens")
     cfg_b.resume = True
     run_sft(start, [SFT_TRAIN], cfg_b, val_data=[SFT_VAL], truncate="tokens")
     resumed = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]

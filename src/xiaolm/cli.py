@@ -17,6 +17,7 @@ from xiaolm.config import (
     LoraConfig,
     McqConfig,
     ModelConfig,
+    ServeConfig,
     TrainConfig,
     default_cache_dir,
 )
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_alignment_commands(commands)
 
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with batched decoding, and a chat page "
+                                "(pip install 'xiaolm[serve]')")
+    serve.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones merge on load)")
+    add_config_flags(serve, ServeConfig)
+
     shared = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(SHARED_TRAIN_FIELDS))
     speed = commands.add_parser(
         "speedrun", help="corpus -> tokenizer -> pretrain -> samples -> evals -> SFT -> DPO -> chat "
@@ -159,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--corpus", type=Path, default=None, help="use this built corpus folder instead of building")
     speed.add_argument("--tokenizer-chars", type=int, default=5_000_000,
                        help="characters drawn evenly from the corpus to train the tokenizer on [5M]")
+    speed.add_argument("--pretrain-minutes", type=float, default=11.0,
+                       help="pretraining time budget: a short probe measures the step time and sets --max-steps to "
+                            "fill it (the whole run stays under 20 minutes on 2 CPU cores); an explicit --max-steps "
+                            "or 0 keeps a fixed schedule [11]")
     speed.add_argument("--sft-steps", type=int, default=100, help="SFT steps after pretraining; 0 skips SFT and DPO [100]")
     speed.add_argument("--dpo-steps", type=int, default=30, help="DPO steps after SFT; 0 skips DPO [30]")
     speed.add_argument("--sft-seq-len", type=int, default=128,
@@ -183,7 +193,7 @@ def add_train_flags(parser: argparse.ArgumentParser, preset: str,
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, preset: str) -> None:
-    from xiaolm.inference.generate import SamplingConfig
+    from xiaolm.inference.sampling import SamplingConfig
 
     add_config_flags(parser, SamplingConfig, defaults=SAMPLING_PRESETS[preset],
                      title=f"sampling (default: the {preset!r} preset's value)")
@@ -243,6 +253,12 @@ def add_alignment_commands(commands) -> None:
     merge = lora.add_parser("merge", help="write a LoRA checkpoint as a plain checkpoint with merged weights")
     merge.add_argument("--ckpt", type=Path, required=True, help="LoRA checkpoint or run folder")
     merge.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
+
+    checkpoint = commands.add_parser("checkpoint", help="checkpoint tools").add_subparsers(
+        dest="checkpoint_command", required=True)
+    consolidate = checkpoint.add_parser("consolidate", help="write a sharded (--fsdp) checkpoint as a plain one")
+    consolidate.add_argument("--ckpt", type=Path, required=True, help="sharded checkpoint or run folder")
+    consolidate.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
 
     export = commands.add_parser("export", help="write a checkpoint in another library's format").add_subparsers(
         dest="export_format", required=True)
@@ -375,8 +391,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from xiaolm.checkpoint import load_model
-    from xiaolm.inference.generate import SamplingConfig
-    from xiaolm.inference.session import stream_completion
+    from xiaolm.inference.engine import stream_completion
+    from xiaolm.inference.sampling import SamplingConfig
 
     loaded = load_model(args.ckpt, args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -447,6 +463,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
         model_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})),
         train_overrides=config_overrides(args, TrainConfig),
         sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, sft_seq_len=args.sft_seq_len,
+        pretrain_minutes=args.pretrain_minutes,
     )
     return 0
 
@@ -509,6 +526,13 @@ def cmd_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from xiaolm.checkpoint import consolidate_checkpoint
+
+    print(f"plain checkpoint written to {consolidate_checkpoint(args.ckpt, args.out)}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from xiaolm.interop.hf_export import export_hf
 
@@ -527,9 +551,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from xiaolm.serve.app import serve
+    except ImportError as error:
+        raise ValueError(str(error)) from error
+    serve(args.ckpt, ServeConfig(**config_overrides(args, ServeConfig)))
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from xiaolm.inference.chat import run_chat
-    from xiaolm.inference.generate import SamplingConfig
+    from xiaolm.inference.sampling import SamplingConfig
 
     sampling = SamplingConfig.from_preset("chat", **config_overrides(args, SamplingConfig))
     return run_chat(args.ckpt, sampling, system=args.system, device=args.device)
@@ -541,8 +574,10 @@ COMMANDS = {
     "distill": cmd_distill,
     "lora": cmd_lora,
     "export": cmd_export,
+    "checkpoint": cmd_checkpoint,
     "import": cmd_import,
     "chat": cmd_chat,
+    "serve": cmd_serve,
     "data": cmd_data,
     "tokenizer": cmd_tokenizer,
     "pretrain": cmd_pretrain,

@@ -207,16 +207,33 @@ class TrainConfig:
     batch_size: int = doc("Sequences per micro-batch on each process.", 16)
     grad_accum_steps: int = doc("Micro-batches accumulated per optimizer step.", 1)
     max_steps: int = doc("Optimizer steps to train for.", 1000)
+    stop_after_steps: int = doc(
+        "End the run after this step, as a kill after its checkpoint would (the schedule still runs to "
+        "max_steps; --resume continues); 0: at max_steps.", 0)
     lr: float = doc("Peak learning rate.", 3e-3)
     min_lr_ratio: float = doc("Cosine schedule ends at lr * min_lr_ratio.", 0.1)
     warmup_steps: int = doc("Linear warmup steps.", 50)
-    weight_decay: float = doc("AdamW weight decay (matrices only; norms and biases get none).", 0.1)
+    optimizer: str = doc(
+        "adamw | muon. muon: torch.optim.Muon for the 2-D matrices inside the blocks, AdamW for embeddings, "
+        "norms and the output head; both at --lr (Muon's update is scaled to AdamW's RMS).", "adamw")
+    weight_decay: float = doc("Decoupled weight decay (matrices only; norms and biases get none).", 0.1)
     beta1: float = doc("AdamW beta1.", 0.9)
     beta2: float = doc("AdamW beta2.", 0.95)
+    muon_momentum: float = doc("Muon's (Nesterov) momentum.", 0.95)
     grad_clip: float = doc("Clip the global gradient norm to this; 0 disables.", 1.0)
-    precision: str = doc("auto | bf16 | fp16 | fp32. auto: bf16 on GPUs that have it, else fp32.", "auto")
+    precision: str = doc(
+        "auto | bf16 | fp16 | fp32. auto: bf16 on GPUs that have it (else fp16 with loss scaling); on a CPU, "
+        "bf16 autocast where it has native bf16 and a timed probe shows it faster (cached per machine), else fp32.",
+        "auto")
     device: str = doc("auto | cpu | cuda | cuda:N | mps.", "auto")
-    compile: bool = doc("Wrap the model in torch.compile (first step is slow).", False)
+    compile: bool = doc("torch.compile each transformer block (the first steps are slow while it compiles).", False)
+    fsdp: bool = doc(
+        "Under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2) instead of "
+        "replicating them (DDP); checkpoints are torch.distributed.checkpoint shards, resumable on any number "
+        "of processes.", False)
+    activation_checkpointing: bool = doc(
+        "Recompute each block's activations in backward instead of keeping them: far less memory for "
+        "about a third more compute; the same losses.", False)
     eval_every: int = doc("Validate every N steps (and at the end); 0 disables.", 100)
     num_eval_batches: int = doc("Micro-batches per validation (on each process).", 8)
     save_every: int = doc("Write a checkpoint every N steps (and at the end); 0: only at the end.", 200)
@@ -235,8 +252,10 @@ class TrainConfig:
                 raise ValueError(f"train config: {name} must be positive, got {getattr(self, name)}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"train config: precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
-            raise ValueError("train config: warmup_steps, eval_every and save_every must be >= 0")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"train config: optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0 or self.stop_after_steps < 0:
+            raise ValueError("train config: warmup_steps, eval_every, save_every and stop_after_steps must be >= 0")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
@@ -279,8 +298,8 @@ TRAIN_PRESETS.update({
 })
 
 SHARED_TRAIN_FIELDS = frozenset(
-    {"device", "precision", "compile", "seed", "max_bad_steps", "log_every", "keep_checkpoints",
-     "tensorboard", "wandb", "progress"}
+    {"device", "precision", "compile", "activation_checkpointing", "seed", "max_bad_steps", "log_every",
+     "keep_checkpoints", "tensorboard", "wandb", "progress"}
 )
 """Settings of where and how a run is made, not of its schedule: speedrun passes these on from its
 flags to its SFT and DPO stages, which otherwise follow their own presets."""
@@ -298,7 +317,7 @@ def fit_seq_len(seq_len: int, *models: ModelConfig) -> int:
     return limit
 
 
-SAMPLING_PRESETS: dict[str, dict[str, Any]] = {  # of inference.generate.SamplingConfig
+SAMPLING_PRESETS: dict[str, dict[str, Any]] = {  # of inference.sampling.SamplingConfig
     # `xiaolm generate` and speedrun's sample continuations: text that goes on from a prompt
     "generate": dict(max_new_tokens=128, temperature=0.8, top_k=0, top_p=0.95, repetition_penalty=1.1),
     # `xiaolm chat`, and speedrun's and bench/chat_stop.py's answers: a little cooler, longer
@@ -360,11 +379,42 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() if base else Path.home() / ".cache" / "xiaolm"
 
 
+@dataclass
+class ServeConfig:
+    """`xiaolm serve`: where it listens, who may call it, and its limits (serve/app.py)."""
+
+    host: str = doc("Interface to listen on; 127.0.0.1 keeps the server to this machine (0.0.0.0: every "
+                    "interface, then set an API key).", "127.0.0.1")
+    port: int = doc("TCP port; 0 picks a free one (printed at start).", 8000)
+    api_key: str = doc("Require `Authorization: Bearer KEY` on /v1/ (default: the XIAOLM_API_KEY environment "
+                       "variable; empty: no key).", "")
+    model_name: str = doc("Model id in the API (default: the checkpoint folder's name).", "")
+    device: str = doc("auto | cpu | cuda | cuda:N | mps.", "auto")
+    num_slots: int = doc("Requests decoded together in one batch (rows of the KV cache).", 16)
+    max_context: int = doc("KV-cache positions per request, prompt and reply together; 0: the model's "
+                           "max_seq_len.", 0)
+    max_waiting: int = doc("Requests that may wait for a free slot; more get 429 with Retry-After.", 64)
+    max_tokens: int = doc("Largest max_tokens a request may ask for, and the default when it asks none "
+                          "(the context may end a reply sooner: finish_reason length).", 512)
+    max_messages: int = doc("Most messages in one chat request.", 256)
+    max_body_bytes: int = doc("Largest request body; more gets 413.", 1_000_000)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"serve config: port must be in [0, 65535], got {self.port}")
+        for name in ("num_slots", "max_tokens", "max_messages", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"serve config: {name} must be positive, got {getattr(self, name)}")
+        if self.max_context < 0 or self.max_waiting < 0:
+            raise ValueError("serve config: max_context and max_waiting must be >= 0")
+
+
 # Fields that may differ between the run that wrote a checkpoint and the run resuming it:
 # they change bookkeeping or how long to go on, not what an exact continuation computes.
 RESUMABLE_TRAIN_FIELDS = frozenset(
     {"out_dir", "max_steps", "eval_every", "num_eval_batches", "save_every", "keep_checkpoints",
-     "log_every", "resume", "tensorboard", "wandb", "progress", "device", "compile"}
+     "log_every", "resume", "tensorboard", "wandb", "progress", "device", "compile", "activation_checkpointing",
+     "stop_after_steps"}
 )
 
 

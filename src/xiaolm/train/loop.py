@@ -34,8 +34,18 @@ from xiaolm.config import (
     save_json,
     to_dict,
 )
-from xiaolm.runtime import DistContext, Runtime, all_reduce_sum, run_info, seed_everything, setup_runtime
+from xiaolm.runtime import (
+    DistContext,
+    Runtime,
+    all_reduce_sum,
+    choose_training_precision,
+    matmul_peak,
+    run_info,
+    seed_everything,
+    setup_runtime,
+)
 from xiaolm.tokenizer.bpe import XiaoTokenizer
+from xiaolm.train import fsdp
 from xiaolm.train.optim import build_optimizer, learning_rate
 
 Batch = dict[str, torch.Tensor]
@@ -91,12 +101,14 @@ class TrainState:
     """What a training step reads and changes. A checkpoint keeps the weights, the optimizer and
     scaler state, the counters and the RNG state (`save_train_state`)."""
 
-    model: nn.Module  # the model itself, as checkpoints store it
-    forward_model: nn.Module  # what computes the loss: `model`, under DDP and torch.compile when asked
-    optimizer: torch.optim.Optimizer
+    model: nn.Module  # the model itself (its blocks sharded under --fsdp), as checkpoints store it
+    # what computes the loss: `model`, under DDP when there are several processes (not with --fsdp)
+    forward_model: nn.Module
+    optimizer: torch.optim.Optimizer  # or train/optim.py's CombinedOptimizer (--optimizer muon)
     scaler: torch.amp.GradScaler | None  # loss scaling, fp16 only
     params: list[nn.Parameter]  # the trainable parameters: what the gradient norm is taken over
-    runtime: Runtime
+    runtime: Runtime  # its precision as chosen for this run (`--precision auto` on a CPU measures)
+    fsdp: bool = False  # `model` is sharded over the processes (FSDP2) instead of replicated
     step: int = 0  # optimizer steps done
     num_tokens_seen: int = 0  # training tokens so far, all processes together
     num_bad_steps: int = 0  # consecutive non-finite steps up to `step`
@@ -116,15 +128,30 @@ class StepMetrics:
 def init_train_state(model: nn.Module, cfg: TrainConfig, runtime: Runtime,
                      trainable: Callable[[nn.Module], Iterator[tuple[str, nn.Parameter]]] | None = None
                      ) -> TrainState:
-    """`model` moved to the runtime's device, with an optimizer over `trainable(model)` (default:
-    every parameter) and, under fp16, a GradScaler. Its forward model is the model itself until
-    `train` wraps it (DDP, torch.compile)."""
+    """`model` moved to the runtime's device and made ready as cfg asks (activation checkpointing,
+    each block compiled in place, FSDP shards), the precision settled (`--precision auto` on a CPU:
+    bf16 autocast only where a timed probe shows it faster), an optimizer over `trainable(model)`
+    (default: every parameter) and, under fp16, a GradScaler. Its forward model is the model
+    itself until `train` wraps it (DDP, torch.compile of a model without blocks)."""
     model.to(runtime.device)
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "activation_checkpointing"):
+            raise ValueError(f"--activation-checkpointing: {type(model).__name__} does not support it")
+        model.activation_checkpointing = True
+    runtime = choose_training_precision(runtime, cfg.precision, model, cfg.batch_size, cfg.seq_len)
+    if cfg.compile and hasattr(model, "layers"):
+        # each block compiled in place (names and state dict unchanged): the blocks share code and
+        # shapes, so one graph serves them all and compiles in a fraction of the whole model's time
+        for block in model.layers:
+            block.compile()
+    if cfg.fsdp:  # before the optimizer exists: its state is created per shard
+        fsdp.check_supported(cfg.optimizer, model)
+        model = fsdp.shard_model(model, runtime)
     named = list(trainable(model) if trainable else model.named_parameters())
     optimizer = build_optimizer(named, cfg, runtime.device.type)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.precision == "fp16" else None
     return TrainState(model=model, forward_model=model, optimizer=optimizer, scaler=scaler,
-                      params=[p for _, p in named if p.requires_grad], runtime=runtime)
+                      params=[p for _, p in named if p.requires_grad], runtime=runtime, fsdp=cfg.fsdp)
 
 
 def train_step(state: TrainState, batches: Sequence[Batch], stage: Stage, cfg: TrainConfig) -> StepMetrics:
@@ -139,9 +166,13 @@ def train_step(state: TrainState, batches: Sequence[Batch], stage: Stage, cfg: T
     num_tokens = 0
     for micro, batch in enumerate(batches):
         batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
-        # gradients are all-reduced once per optimizer step, on the last micro-batch
+        # gradients are all-reduced (FSDP: reduce-scattered) once per optimizer step, on the last micro-batch
         last = micro == len(batches) - 1
-        sync = state.forward_model.no_sync() if ctx.enabled and not last else contextlib.nullcontext()
+        if state.fsdp and ctx.enabled:
+            state.model.set_requires_gradient_sync(last)
+        sync = contextlib.nullcontext()
+        if ctx.enabled and not state.fsdp and not last:
+            sync = state.forward_model.no_sync()
         with sync:
             with runtime.autocast():
                 out = stage.compute_loss(state.forward_model, batch)
@@ -154,7 +185,7 @@ def train_step(state: TrainState, batches: Sequence[Batch], stage: Stage, cfg: T
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    grad_norm = float(grad_norm)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
     finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
     if state.scaler is not None:
         state.scaler.step(state.optimizer)  # skips the update itself when gradients overflowed
@@ -181,19 +212,27 @@ def micro_batch_samples(micro_index: int, batch_size: int, ctx: DistContext) -> 
 
 class RunLog:
     """What a run reports: metrics.jsonl on the main process (plus TensorBoard / wandb when asked
-    for), the progress bar, and tokens/s over the steps since the last train record."""
+    for), the progress bar, and tokens/s over the steps since the last train record, with the model
+    FLOPs utilisation it means and, on a GPU, the peak memory."""
 
     def __init__(self, run_dir: Path, cfg: TrainConfig, stage_name: str, start_step: int, is_main: bool,
-                 configs: dict) -> None:
+                 configs: dict, model: nn.Module, runtime: Runtime) -> None:
         self.enabled = is_main
+        self.device = runtime.device
         self.path = run_dir / "metrics.jsonl"
         self.tensorboard = None
         self.wandb = None
         self.progress = None
         self.started = self.window_start = time.perf_counter()
         self.num_window_tokens = 0
+        self.flops_per_token = self.peak_flops = None
         if not is_main:
             return
+        if hasattr(model, "flops_per_token"):
+            # model FLOPs utilisation: model FLOPs per token x tokens/s over the measured matmul peak
+            # of all processes (measured once per machine and precision, then cached)
+            self.flops_per_token = model.flops_per_token(cfg.seq_len)
+            self.peak_flops = matmul_peak(runtime.device, runtime.precision) * runtime.ctx.world_size
         if self.path.exists():  # a resumed run drops what the killed run logged past its checkpoint
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= start_step]
@@ -246,6 +285,11 @@ class RunLog:
             return
         elapsed = time.perf_counter() - self.window_start
         tok_per_s = self.num_window_tokens / elapsed if elapsed > 0 else 0.0
+        extra = dict(extra)
+        if self.peak_flops:
+            extra["mfu"] = self.flops_per_token * tok_per_s / self.peak_flops
+        if self.device.type == "cuda":
+            extra["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         self.write({"step": state.step, "loss": metrics.loss, "lr": metrics.lr,
                     "grad_norm": metrics.grad_norm, "tokens": state.num_tokens_seen, "tok_per_s": tok_per_s,
                     "elapsed_s": time.perf_counter() - self.started, **extra})
@@ -269,11 +313,15 @@ class RunLog:
 
 def wrap_model(model: nn.Module, cfg: TrainConfig, runtime: Runtime) -> nn.Module:
     """What computes the training forward: `model` under DistributedDataParallel when there are
-    several processes, then under torch.compile when asked."""
-    if runtime.ctx.enabled:
+    several processes (with --fsdp, `model` is sharded already), then under torch.compile when
+    asked and the model has no blocks (init_train_state compiles those one by one)."""
+    forward_model = model
+    if runtime.ctx.enabled and not cfg.fsdp:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return torch.compile(model) if cfg.compile else model
+        forward_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.compile and not hasattr(model, "layers"):
+        forward_model = torch.compile(forward_model)
+    return forward_model
 
 
 def train(
@@ -284,39 +332,43 @@ def train(
     tokenizer: XiaoTokenizer,
     configs: dict[str, Any] | None = None,
     runtime: Runtime | None = None,
-    stop_after_steps: int | None = None,
 ) -> TrainResult:
     """Train `model` (built, on CPU, fp32) through `stage` as `cfg` says.
 
     The model's config, `cfg`, the stage's identity and `configs` (anything else that defines
     the run) go into every checkpoint, and a resume must match them. `runtime` is the process's
     device, precision and process group when the caller set them up already (`setup_runtime`),
-    else they come from cfg.device and cfg.precision. `stop_after_steps` ends the run early, as a
-    kill after that step's checkpoint would: the schedule still follows cfg.max_steps.
+    else they come from cfg.device and cfg.precision. cfg.stop_after_steps ends the run early, as
+    a kill after that step's checkpoint would: the schedule still follows cfg.max_steps.
     """
     run_dir = Path(cfg.out_dir)
     runtime = runtime or setup_runtime(cfg.device, cfg.precision)
     ctx = runtime.ctx
     seed_everything(cfg.seed + ctx.rank)
     configs = {"model": to_dict(model.config), **(configs or {}), "train": to_dict(cfg),
-               "stage": {"name": stage.name, **stage.identity}}
+               "stage": {"name": stage.name, **stage.identity},
+               # what one step sees, however it is split over processes: a resume may change the split
+               "batch": {"global_batch_size": cfg.batch_size * ctx.world_size}}
 
     state = init_train_state(model, cfg, runtime, stage.trainable)
+    runtime = state.runtime
+    if ctx.is_main:
+        print(f"precision {runtime.precision} ({runtime.precision_reason})", flush=True)
     saved = checkpoint_to_resume(run_dir, cfg)
     if saved is not None:
         restore_train_state(saved, state, configs)
-    state.forward_model = wrap_model(model, cfg, runtime)
+    state.forward_model = wrap_model(state.model, cfg, runtime)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_json(run_dir / "config.json", configs)
         save_json(run_dir / "run_info.json", run_info(runtime))
-    log = RunLog(run_dir, cfg, stage.name, state.step, ctx.is_main, configs)
+    log = RunLog(run_dir, cfg, stage.name, state.step, ctx.is_main, configs, state.model, runtime)
 
     def reduce(values: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(values, ctx)
 
     last_loss, last_eval = math.nan, {}
-    end_step = cfg.max_steps if stop_after_steps is None else min(cfg.max_steps, stop_after_steps)
+    end_step = min(cfg.max_steps, cfg.stop_after_steps) if cfg.stop_after_steps else cfg.max_steps
     state.forward_model.train()
     while state.step < end_step:
         first_micro = state.step * cfg.grad_accum_steps
@@ -377,17 +429,22 @@ def evaluate(state: TrainState, stage: Stage) -> dict[str, float]:
 def save_train_state(state: TrainState, run_dir: Path, tokenizer: XiaoTokenizer, configs: dict[str, Any],
                      keep: int) -> Path | None:
     """A checkpoint of `state` (written by the main process; every process waits for it). Returns
-    its folder on the main process, None on the others."""
-    saved = None
+    its folder on the main process, None on the others. Under --fsdp every process first writes its
+    shards of the weights and optimizer state, which the main process then files in the folder."""
+    saved, shards = None, None
+    if state.fsdp:
+        shards = run_dir / "checkpoints" / f".shards-step_{state.step:06d}"
+        fsdp.save_sharded(shards, state.model, state.optimizer)
     if state.runtime.ctx.is_main:
-        training_state = {
-            "step": state.step, "num_bad_steps": state.num_bad_steps,
-            "num_tokens_seen": state.num_tokens_seen, "optimizer": state.optimizer.state_dict(),
+        training_state = {  # keys as every checkpoint so far names them
+            "step": state.step, "bad_steps": state.num_bad_steps, "tokens_seen": state.num_tokens_seen,
             "scaler": state.scaler.state_dict() if state.scaler is not None else None,
             "rng": ckpt.capture_rng_state(),
         }
+        if not state.fsdp:
+            training_state["optimizer"] = state.optimizer.state_dict()
         saved = ckpt.save_checkpoint(run_dir, state.step, state.model, tokenizer, configs, training_state,
-                                     keep=keep)
+                                     keep=keep, sharded_weights=shards)
     if state.runtime.ctx.enabled:
         dist.barrier()
     return saved
@@ -397,11 +454,18 @@ def restore_train_state(checkpoint: Path, state: TrainState, configs: dict[str, 
     """Weights, optimizer and scaler state, counters and RNG state from `checkpoint`, refusing a
     checkpoint written by a different run."""
     saved = ckpt.read_configs(checkpoint)
-    if "model" in saved:  # fields added since the checkpoint was written take their defaults
+    # fields added since the checkpoint was written take their defaults
+    if "model" in saved:
         saved["model"] = to_dict(from_dict(ModelConfig, saved["model"]))
+    if "train" in saved:
+        saved["train"] = to_dict(from_dict(TrainConfig, saved["train"]))
+    if "batch" not in saved:  # written before the global batch was recorded: the split must match
+        configs = {k: v for k, v in configs.items() if k != "batch"}
     problems = []
     for section in sorted(set(saved) | set(configs)):
-        ignore = RESUMABLE_TRAIN_FIELDS if section == "train" else frozenset()
+        ignore = frozenset()
+        if section == "train":  # the per-process batch may change with the number of processes
+            ignore = RESUMABLE_TRAIN_FIELDS | ({"batch_size"} if "batch" in saved else frozenset())
         problems += [f"{section}.{line}"
                      for line in diff_configs(saved.get(section) or {}, configs.get(section) or {}, ignore)]
     if problems:
@@ -412,12 +476,15 @@ def restore_train_state(checkpoint: Path, state: TrainState, configs: dict[str, 
     state_file = checkpoint / ckpt.STATE_FILE
     if not state_file.is_file():
         raise ValueError(f"cannot resume from {checkpoint}: {ckpt.STATE_FILE} is missing")
-    ckpt.load_weights(state.model, checkpoint / ckpt.MODEL_FILE)
     training_state = torch.load(state_file, map_location="cpu", weights_only=False)
-    state.optimizer.load_state_dict(training_state["optimizer"])
+    if (checkpoint / ckpt.SHARDED_DIR).is_dir():  # --fsdp: resharded to this run's processes
+        fsdp.load_sharded(checkpoint / ckpt.SHARDED_DIR, state.model, state.optimizer)
+    else:
+        ckpt.load_weights(state.model, checkpoint / ckpt.MODEL_FILE)
+        state.optimizer.load_state_dict(training_state["optimizer"])
     if state.scaler is not None and training_state.get("scaler"):
         state.scaler.load_state_dict(training_state["scaler"])
     ckpt.restore_rng_state(training_state["rng"])
     state.step = training_state["step"]
-    state.num_bad_steps = training_state["num_bad_steps"]
-    state.num_tokens_seen = training_state["num_tokens_seen"]
+    state.num_bad_steps = training_state["bad_steps"]
+    state.num_tokens_seen = training_state["tokens_seen"]

@@ -36,7 +36,7 @@ from xiaolm.train.stages import (
 
 def train_stage(model: Transformer, stage: Stage, cfg: TrainConfig, *, tokenizer: XiaoTokenizer,
                 configs: dict[str, Any] | None = None, lora: LoraConfig | None = None,
-                runtime: Runtime | None = None, stop_after_steps: int | None = None) -> TrainResult:
+                runtime: Runtime | None = None) -> TrainResult:
     """`train`, with LoRA adapters injected into `model` first when `lora` is given (then only they
     train, and the final checkpoint also holds the adapter in peft's format)."""
     peft_model = None
@@ -47,8 +47,7 @@ def train_stage(model: Transformer, stage: Stage, cfg: TrainConfig, *, tokenizer
             peft_model = apply_lora(model, lora)
         stage = dataclasses.replace(stage, trainable=lora_parameters)
         configs = {**(configs or {}), "lora": to_dict(lora)}
-    result = train(model, stage, cfg, tokenizer=tokenizer, configs=configs, runtime=runtime,
-                   stop_after_steps=stop_after_steps)
+    result = train(model, stage, cfg, tokenizer=tokenizer, configs=configs, runtime=runtime)
     if peft_model is not None and result.checkpoint is not None:
         from xiaolm.model.lora import save_adapter
 
@@ -67,7 +66,7 @@ def with_seq_len_fitted(cfg: TrainConfig, *models: ModelConfig) -> TrainConfig:
 
 def run_pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, tokenizer: XiaoTokenizer,
                  train_shards: str | Path, val_shards: str | Path | None = None, *,
-                 runtime: Runtime | None = None, stop_after_steps: int | None = None) -> TrainResult:
+                 runtime: Runtime | None = None) -> TrainResult:
     """A fresh model pretrained on token shards (data/shards.py)."""
     if model_cfg.vocab_size != tokenizer.vocab_size:
         raise ValueError(
@@ -80,8 +79,7 @@ def run_pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, tokenizer: Xiao
         model = Transformer(model_cfg)
     identity = {"train_tokens": train_data.meta["num_tokens"], "train_data_key": train_data.meta["key"]}
     stage = pretrain_stage(train_data, val_data, token_num_bytes(tokenizer), train_cfg, identity)
-    return train(model, stage, train_cfg, tokenizer=tokenizer, runtime=runtime,
-                 stop_after_steps=stop_after_steps)
+    return train(model, stage, train_cfg, tokenizer=tokenizer, runtime=runtime)
 
 
 # --------------------------------------------------------------------------- chat data
@@ -159,8 +157,7 @@ def check_same_tokenizer(teacher: XiaoTokenizer, student: XiaoTokenizer) -> None
 def run_sft(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainConfig, *,
             val_data: Sequence[str | Path] | None = None, fmt: str = "auto", pack: bool = True,
             truncate: str = "turns", val_fraction: float = 0.05, skip_bad: bool = False,
-            lora: LoraConfig | None = None, runtime: Runtime | None = None,
-            stop_after_steps: int | None = None) -> TrainResult:
+            lora: LoraConfig | None = None, runtime: Runtime | None = None) -> TrainResult:
     """Supervised fine-tuning of `from_checkpoint` on chat data."""
     start = load_model(from_checkpoint)
     model, tokenizer = start.model, start.tokenizer
@@ -169,15 +166,14 @@ def run_sft(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
                                       val_fraction=val_fraction, skip_bad=skip_bad)
     stage = sft_stage(train_data, val, cfg, packed=pack)
     configs = {"sft": {"from": str(from_checkpoint), "format": fmt, "pack": pack, "truncate": truncate}}
-    return train_stage(model, stage, cfg, tokenizer=tokenizer, configs=configs, lora=lora, runtime=runtime,
-                       stop_after_steps=stop_after_steps)
+    return train_stage(model, stage, cfg, tokenizer=tokenizer, configs=configs, lora=lora, runtime=runtime)
 
 
 def run_dpo(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainConfig, *,
             val_data: Sequence[str | Path] | None = None, beta: float = 0.1, reference_checkpoint=None,
             precompute_reference: bool = True, truncate: str = "turns", val_fraction: float = 0.05,
-            skip_bad: bool = False, lora: LoraConfig | None = None, runtime: Runtime | None = None,
-            stop_after_steps: int | None = None) -> TrainResult:
+            skip_bad: bool = False, lora: LoraConfig | None = None,
+            runtime: Runtime | None = None) -> TrainResult:
     """DPO from `from_checkpoint`; the reference is `reference_checkpoint` or the starting model."""
     start = load_model(from_checkpoint)
     model, tokenizer = start.model, start.tokenizer
@@ -205,8 +201,7 @@ def run_dpo(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
     configs = {"dpo": {"from": str(from_checkpoint),
                        "reference": str(reference_checkpoint or from_checkpoint),
                        "precompute_reference": precompute_reference, "truncate": truncate}}
-    return train_stage(model, stage, cfg, tokenizer=tokenizer, configs=configs, lora=lora, runtime=runtime,
-                       stop_after_steps=stop_after_steps)
+    return train_stage(model, stage, cfg, tokenizer=tokenizer, configs=configs, lora=lora, runtime=runtime)
 
 
 def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Sequence[str | Path],
@@ -214,8 +209,7 @@ def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Seque
                 student_overrides: dict | None = None, fmt: str = "auto", pack: bool = True,
                 truncate: str = "turns", temperature: float = 2.0, alpha: float = 0.5,
                 val_fraction: float = 0.05, skip_bad: bool = False,
-                lora: LoraConfig | None = None, runtime: Runtime | None = None,
-                stop_after_steps: int | None = None) -> TrainResult:
+                lora: LoraConfig | None = None, runtime: Runtime | None = None) -> TrainResult:
     """Distil `teacher_checkpoint` into `student`: a checkpoint (same tokenizer required) or a model
     preset name (a fresh model with the teacher's tokenizer; `student_overrides` change its shape)."""
     loaded = load_model(teacher_checkpoint)
@@ -242,5 +236,4 @@ def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Seque
     stage = distill_stage(train_data, val, teacher, cfg, temperature=temperature, alpha=alpha, packed=pack)
     configs = {"distill": {"teacher": str(teacher_checkpoint), "student": str(student), "format": fmt,
                            "truncate": truncate, "teacher_model": to_dict(teacher.config)}}
-    return train_stage(model, stage, cfg, tokenizer=tokenizer, configs=configs, lora=lora, runtime=runtime,
-                       stop_after_steps=stop_after_steps)
+    return train_stage(model, stage, cfg, tokenizer=tokenizer, configs=configs, lora=lora, runtime=runtime)

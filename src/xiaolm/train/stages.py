@@ -37,20 +37,20 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def masked_forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (B, T, V) and the model's auxiliary loss (None outside training or for a dense
+def masked_forward(model: nn.Module, batch: Batch, targets: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (B, T, V), or with `targets` the model's mean loss on them (the head and the
+    cross-entropy fused), and the model's auxiliary loss (None outside training or for a dense
     model). A batch that carries `doc_ids` (packed SFT rows) gets the block-diagonal causal mask,
     so packed conversations never attend to each other."""
     mask = document_mask(batch["doc_ids"]) if "doc_ids" in batch else None
-    return model(batch["inputs"], attn_mask=mask, return_aux_loss=True)
+    return model(batch["inputs"], attn_mask=mask, targets=targets, return_aux_loss=True)
 
 
 def next_token_loss(model: nn.Module, batch: Batch) -> StageLoss:
     """Mean cross-entropy of each target token; targets of IGNORE_INDEX carry no loss (SFT:
     everything but the assistant tokens)."""
-    logits, aux_loss = masked_forward(model, batch)  # (B, T, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
-                           ignore_index=IGNORE_INDEX)
+    loss, aux_loss = masked_forward(model, batch, targets=batch["targets"])
     return StageLoss(loss, batch["inputs"].numel(), aux_loss)
 
 
