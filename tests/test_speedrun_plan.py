@@ -2,7 +2,8 @@
 
 import json
 
-from xiaolm.speedrun import EVALS_PER_RUN, PLAN_FILE, plan_pretraining
+import xiaolm.runtime
+from xiaolm.speedrun import EVALS_PER_RUN, PLAN_FILE, SPEEDRUN_MUON_LR, plan_pretraining, pretrain_optimizer
 
 from conftest import tiny_model_config, tiny_train_config
 
@@ -20,3 +21,13 @@ def test_pretraining_plan_fills_the_budget_and_is_kept(tmp_path, tokenizer, shar
     # a second run (a resumed speedrun) keeps the schedule instead of measuring again
     again = plan_pretraining(tmp_path, tiny_model_config(), cfg, tokenizer, splits, budget_s=999.0)
     assert again.max_steps == planned.max_steps
+
+
+def test_pretraining_takes_muon_only_where_it_was_measured_to_win(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(xiaolm.runtime, "cpu_has_native_bf16", lambda: True)
+    assert pretrain_optimizer(tiny_model_config(), {}) == {"optimizer": "muon", "lr": SPEEDRUN_MUON_LR}
+    assert pretrain_optimizer(tiny_model_config(), {"optimizer": "adamw"}) == {}  # the caller's choice stands
+    assert pretrain_optimizer(tiny_model_config(num_experts=4, num_experts_per_token=2), {}) == {}  # MoE: not raced
+    monkeypatch.setattr(xiaolm.runtime, "cpu_has_native_bf16", lambda: False)  # bf16 emulated: not raced
+    assert pretrain_optimizer(tiny_model_config(), {}) == {}

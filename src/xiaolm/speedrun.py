@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from xiaolm.checkpoint import load_model
 from xiaolm.config import (
     SAMPLING_PRESETS,
@@ -115,7 +117,9 @@ def speedrun(
     started = stage("pretrain")
     model_cfg = ModelConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, **(model_overrides or {}))
     train_cfg = TrainConfig.from_preset(preset, **{"out_dir": str(out / "pretrain"), "resume": True,
+                                                   **pretrain_optimizer(model_cfg, train_overrides or {}),
                                                    **(train_overrides or {})})
+    print(f"optimizer {train_cfg.optimizer}, lr {train_cfg.lr:g}")
     if pretrain_minutes > 0 and "max_steps" not in (train_overrides or {}):
         train_cfg = plan_pretraining(out, model_cfg, train_cfg, tokenizer, shards, pretrain_minutes * 60)
     summary["pretrain_plan"] = json.loads((out / PLAN_FILE).read_text()) if (out / PLAN_FILE).is_file() else None
@@ -170,6 +174,25 @@ def speedrun(
 PLAN_FILE = "pretrain_plan.json"
 PROBE_STEPS = 12
 EVALS_PER_RUN = 4
+
+
+SPEEDRUN_MUON_LR = 1e-2
+"""Muon's learning rate in the speedrun's pretraining: the better of 3e-3 and 1e-2 in the race."""
+
+
+def pretrain_optimizer(model_cfg: ModelConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The pretraining optimizer, unless the caller chose one: Muon at SPEEDRUN_MUON_LR for a dense
+    model where its bf16 Newton-Schulz iterations run natively (a GPU, or a CPU with avx512_bf16 or
+    AMX). There it beat AdamW at the preset's lr at equal wall-clock on this pretraining
+    (bench/optimizer_race.py, docs/benchmarks.md section 9); elsewhere (bf16 emulated, MoE) it was not
+    measured and AdamW stays."""
+    from xiaolm.runtime import cpu_has_native_bf16
+
+    if "optimizer" in overrides or model_cfg.num_experts > 0:
+        return {}
+    if not (torch.cuda.is_available() or cpu_has_native_bf16()):
+        return {}
+    return {"optimizer": "muon", "lr": SPEEDRUN_MUON_LR}
 
 
 def plan_pretraining(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, tokenizer, shards: dict[str, Path],
