@@ -33,8 +33,9 @@ FINISH_STOP = "stop"  # a stop token or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens, or the context is full
 FINISH_CANCELLED = "cancelled"  # the caller went away
 FINISH_ERROR = "error"  # the engine failed while the request ran (message in Request.error)
-PREFILL_CHUNK = 256
-"""Prompt tokens per prefill forward: long prompts are prefilled a chunk at a time so memory stays flat."""
+PREFILL_CHUNK = 1024
+"""Prompt tokens per prefill forward: longer prompts are prefilled a chunk at a time so memory stays flat
+(docs/benchmarks.md, section 9: smaller chunks cost more time on a busy CPU)."""
 
 
 class QueueFull(Exception):
