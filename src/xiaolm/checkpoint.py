@@ -6,23 +6,34 @@ Layout of `RUN/checkpoints/step_000100/`:
   config.json         {"model": ModelConfig, "train": TrainConfig, ...}
   tokenizer.json, tokenizer_config.json, special_tokens_map.json
   training_state.pt   optimizer, step, RNG states, data position (absent in exported models)
+  checksums.json      size and sha256 of every other file, recorded when the folder is written
 `RUN/checkpoints/latest` names the newest complete checkpoint; it is replaced atomically only
 after the folder is complete, so a kill at any moment leaves the last good checkpoint in place.
+Every load verifies the checksums (`verify_checkpoint`): a truncated or modified file is an error
+naming it, and `--resume` falls back to the newest checkpoint that verifies (`recover_checkpoints`).
+`training_state.pt` is read with `torch.load(weights_only=True)`: a checkpoint from someone else
+cannot run code.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xiaolm.config import ModelConfig, from_dict
@@ -32,7 +43,19 @@ from xiaolm.tokenizer.bpe import XiaoTokenizer, load_tokenizer
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "training_state.pt"
+CHECKSUMS_FILE = "checksums.json"
 LATEST_FILE = "latest"
+STEP_FOLDER = re.compile(r"step_(\d+)")
+# what torch.load(weights_only=True) must be allowed to rebuild in a training state: numpy's random
+# state holds an array (python's is a tuple, torch's a tensor: allowed anyway); numpy 1 and 2 name
+# the array constructor differently
+_reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+STATE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (_reconstruct, "numpy.core.multiarray._reconstruct"),
+                 (_reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated, unreadable or changed since it was written."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -62,13 +85,14 @@ def write_model_folder(
     configs: dict[str, Any],
     training_state: dict[str, Any] | None = None,
 ) -> None:
-    """Write every file of a checkpoint into `directory` (which must not exist yet)."""
+    """Write every file of a checkpoint into `directory` (which must not exist yet), checksums last."""
     directory.mkdir(parents=True)
     save_file(model_state_for_saving(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(configs, indent=2, ensure_ascii=False) + "\n")
     tokenizer.save(directory)
     if training_state is not None:
         torch.save(training_state, directory / STATE_FILE)
+    write_checksums(directory)
     for f in directory.iterdir():
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
@@ -77,7 +101,8 @@ def write_model_folder(
 
 def write_new_folder(out: str | Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` creates and fills a sibling folder that is then renamed to `out`, which must not
-    exist yet: an interrupted write leaves no half-written folder where a complete one is expected."""
+    exist yet: an interrupted write leaves no half-written folder where a complete one is expected.
+    The folder's checksums are recorded before the rename, so loading it later verifies it."""
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists; choose a new folder")
@@ -86,11 +111,86 @@ def write_new_folder(out: str | Path, write: Callable[[Path], None]) -> Path:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         write(tmp)
+        write_checksums(tmp)
         os.replace(tmp, out)
         _fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path, names: list[str] | None = None) -> None:
+    """Record the size and sha256 of every file under `directory` (or only of `names`, relative
+    paths, added to what checksums.json already lists) in checksums.json, replaced atomically."""
+    path = directory / CHECKSUMS_FILE
+    if names is None:
+        names = sorted(str(f.relative_to(directory)) for f in directory.rglob("*")
+                       if f.is_file() and f.name != CHECKSUMS_FILE)
+        files = {}
+    else:
+        files = _read_checksums(path) if path.is_file() else {}
+    for name in names:
+        files[name] = {"size": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
+    tmp = path.with_name(f".{CHECKSUMS_FILE}.tmp")
+    tmp.write_text(json.dumps({"algorithm": "sha256", "files": dict(sorted(files.items()))}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_checksums(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        files = json.loads(path.read_text())["files"]
+        if not all(isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str) for v in files.values()):
+            raise TypeError("an entry lacks its size or sha256")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path}: unreadable ({error}); the checkpoint is damaged") from None
+    return files
+
+
+def verify_checkpoint(directory: str | Path) -> bool:
+    """Check every file checksums.json lists: present, of the recorded size and sha256. Returns
+    False for a folder without checksums.json (written before xiaolm recorded them, or by another
+    tool); raises CheckpointError naming the first file that does not match."""
+    directory = Path(directory)
+    path = directory / CHECKSUMS_FILE
+    if not path.is_file():
+        return False
+    for name, expected in _read_checksums(path).items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (listed in {CHECKSUMS_FILE}); the checkpoint is incomplete")
+        size = file.stat().st_size
+        if size != expected["size"]:
+            state = "truncated or changed" if size < expected["size"] else "changed"
+            raise CheckpointError(f"{file}: {state} ({size:,} bytes; {expected['size']:,} were written)")
+        if file_sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file}: checksum mismatch (sha256 differs from the one recorded when it was "
+                                  "written): the file was changed or damaged")
+    return True
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def check_checkpoint(directory: Path) -> None:
+    """verify_checkpoint, with a note for a xiaolm checkpoint written before checksums existed."""
+    if not verify_checkpoint(directory) and (directory / CONFIG_FILE).is_file():
+        _note(f"{directory} has no {CHECKSUMS_FILE} (written before xiaolm recorded checksums): "
+              "loading it unverified")
+
+
+# --------------------------------------------------------------------------- run checkpoints
 
 
 def save_checkpoint(
@@ -102,13 +202,22 @@ def save_checkpoint(
     training_state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Save atomically as RUN/checkpoints/step_NNNNNN and point `latest` at it."""
+    """Save atomically as RUN/checkpoints/step_NNNNNN and point `latest` at it. A write that fails
+    (full disk, read-only folder) leaves nothing behind and raises a CheckpointWriteError saying
+    how much space a checkpoint needs and which checkpoint is still the last good one."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:06d}"
+    name = step_name(step)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_model_folder(tmp, model, tokenizer, configs, training_state)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_model_folder(tmp, model, tokenizer, configs, training_state)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, SafetensorError):  # safetensors reports the OS error in its message
+            code = re.search(r"os error (\d+)", str(error))
+            error = OSError(int(code.group(1)) if code else None, str(error))
+        raise CheckpointWriteError(error, root, name, _checkpoint_bytes(model, tokenizer, training_state)) from None
     final = root / name
     if final.exists():  # re-saving a step (after a resume): move the old one aside first
         trash = root / f".old-{name}-{os.getpid()}"
@@ -116,22 +225,141 @@ def save_checkpoint(
         shutil.rmtree(trash)
     tmp.rename(final)
     _fsync_dir(root)
-    latest_tmp = root / f".{LATEST_FILE}.tmp"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, root / LATEST_FILE)
-    _fsync_dir(root)
+    point_latest_at(final)
     prune_checkpoints(root, keep)
     return final
 
 
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written; the message names the last good checkpoint."""
+
+    def __init__(self, error: OSError, root: Path, name: str, num_bytes: int) -> None:
+        latest = root / LATEST_FILE
+        last = root / latest.read_text().strip() if latest.is_file() else None
+        kept = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint of this run was written yet"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            free = shutil.disk_usage(root).free if root.is_dir() else 0
+            reason = (f"no space left on the disk: a checkpoint needs about {num_bytes / 2**20:,.1f} MiB and "
+                      f"{free / 2**20:,.1f} MiB are free")
+        else:
+            reason = f"{error.strerror or error} ({error.filename or root})"
+        super().__init__(f"cannot write checkpoint {name} in {root}: {reason}; {kept}")
+
+
+def _checkpoint_bytes(model: Transformer, tokenizer: XiaoTokenizer, training_state: Any) -> int:
+    """What a checkpoint of this model and training state takes on disk, about."""
+
+    def tensor_bytes(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(tensor_bytes(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(tensor_bytes(v) for v in value)
+        return 0
+
+    weights = sum(t.numel() * 4 for t in model_state_for_saving(model).values())
+    return weights + tensor_bytes(training_state) + 2 * len(tokenizer.tokenizer.to_str())
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def point_latest_at(checkpoint: Path) -> None:
+    """Atomically make `checkpoints/latest` name `checkpoint`."""
+    root = checkpoint.parent
+    latest_tmp = root / f".{LATEST_FILE}.tmp"
+    latest_tmp.write_text(checkpoint.name + "\n")
+    os.replace(latest_tmp, root / LATEST_FILE)
+    _fsync_dir(root)
+
+
 def prune_checkpoints(root: Path, keep: int) -> None:
     latest = (root / LATEST_FILE).read_text().strip()
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    steps = step_folders(root)[::-1]  # oldest first
     for old in steps[: max(0, len(steps) - keep)]:
         if old.name != latest:
             shutil.rmtree(old)
     for stale in root.glob(".tmp-*"):  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The step_NNNNNN folders under `root`, newest step first."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and STEP_FOLDER.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]), reverse=True)
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    """Whether a run folder holds checkpoints (usable or not)."""
+    root = Path(run_dir) / "checkpoints"
+    return (root / LATEST_FILE).is_file() or bool(root.is_dir() and step_folders(root))
+
+
+def checkpoint_problem(checkpoint: Path, files: tuple[str, ...] = (MODEL_FILE, CONFIG_FILE, STATE_FILE)) -> str | None:
+    """Why `checkpoint` cannot be resumed from (a file missing, a checksum mismatch), or None."""
+    missing = [name for name in files if not (checkpoint / name).is_file()]
+    if missing:
+        return f"incomplete: {', '.join(missing)} missing"
+    try:
+        verify_checkpoint(checkpoint)
+    except CheckpointError as error:
+        return str(error)
+    return None
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint `recover_checkpoints` chose (None: nothing to resume, a fresh start) and what
+    it found on the way, to print."""
+
+    checkpoint: Path | None
+    notes: list[str] = field(default_factory=list)
+
+
+def recover_checkpoints(run_dir: str | Path) -> ResumePoint:
+    """Choose the checkpoint a `--resume` continues from: the newest complete one whose checksums
+    verify, whatever `latest` says (a kill between a folder's rename and the update of `latest`
+    leaves a newer complete folder). Unusable folders are renamed `.unusable-step_NNNNNN` (kept for
+    inspection, out of the way of later saves) and `latest` is pointed at the choice. Raises
+    ValueError when the run has checkpoints but none is usable; a folder without checkpoints is a
+    fresh start."""
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    if not has_checkpoints(run_dir):
+        return ResumePoint(None, [f"no checkpoint in {run_dir}: starting a fresh run"])
+    latest_file = root / LATEST_FILE
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    notes, skipped, chosen = [], [], None
+    for folder in step_folders(root):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            chosen = folder
+            break
+        skipped.append(f"{folder.name} ({problem})")
+    if chosen is None:
+        found = "; ".join(skipped) or "no step folder"
+        raise ValueError(
+            f"cannot resume {run_dir}: none of its checkpoints is usable (latest names {latest or 'nothing'}; "
+            f"found: {found}); move the run folder away or choose another --out-dir to start a new run"
+        )
+    for entry in skipped:
+        name = entry.split(" ", 1)[0]
+        (root / name).rename(root / f".unusable-{name}")
+        notes.append(f"skipped {entry}; kept as {root / ('.unusable-' + name)}")
+    if latest is None:
+        notes.append(f"{latest_file} is missing")
+    elif latest != chosen.name and not (root / latest).exists():
+        notes.append(f"{latest_file} names {latest}, which does not exist")
+    elif latest != chosen.name and int(latest.split("_")[-1]) < int(chosen.name.split("_")[1]):
+        notes.append(f"{chosen.name} is complete but {latest_file} still named {latest}: "
+                     "the run was stopped between the two")
+    if not verify_checkpoint(chosen):
+        notes.append(f"{chosen} has no {CHECKSUMS_FILE} (written before xiaolm recorded checksums): unverified")
+    if latest != chosen.name:
+        point_latest_at(chosen)
+    return ResumePoint(chosen, notes)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -145,6 +373,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
             candidate = root / latest.read_text().strip()
             if (candidate / MODEL_FILE).is_file():
                 return candidate
+            others = ", ".join(p.name for p in step_folders(root) if (p / MODEL_FILE).is_file()) or "none"
+            raise ValueError(f"{latest} names {candidate.name}, which is missing or incomplete; "
+                             f"complete checkpoints in {root}: {others} (pass one with its path)")
     raise ValueError(f"no checkpoint found at {path} (expected {MODEL_FILE} or checkpoints/{LATEST_FILE})")
 
 
@@ -159,7 +390,13 @@ def read_configs(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{checkpoint}: {CONFIG_FILE} is missing")
-    return json.loads(path.read_text())
+    try:
+        configs = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(configs, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(configs).__name__}")
+    return configs
 
 
 @dataclass
@@ -178,19 +415,23 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge_lora: bool = True) -> LoadedModel:
-    """Load a checkpoint folder, a run folder (its latest checkpoint) or an exported model.
+    """Load a checkpoint folder, a run folder (its latest checkpoint) or an exported model, after
+    verifying its files against the checksums recorded when it was written.
 
     A LoRA checkpoint (config.json has a "lora" section) comes with its adapters merged into the
     weights, so every command takes one; `merge_lora=False` keeps them as separate layers.
     `device` is a torch device or a name `runtime.resolve_device` understands ("auto", "cuda:1").
     """
-    from xiaolm.runtime import resolve_device
+    from xiaolm.runtime import check_model_fits, resolve_device
 
     checkpoint = resolve_checkpoint(path)
+    check_checkpoint(checkpoint)
     configs = read_configs(checkpoint)
     if "model" not in configs:
         raise ValueError(f"{checkpoint / CONFIG_FILE}: no 'model' section; not a xiaolm checkpoint")
-    config = from_dict(ModelConfig, configs["model"])
+    config = model_config_from(configs, checkpoint / CONFIG_FILE)
+    device = resolve_device(device) if isinstance(device, str) else device
+    check_model_fits(config, device, training=False)
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
@@ -207,9 +448,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge_lo
             model, peft_model = merge(peft_model).requires_grad_(True), None
     else:
         load_weights(model, checkpoint / MODEL_FILE)
-    device = resolve_device(device) if isinstance(device, str) else device
     model.to(device).eval()
     return LoadedModel(model, config, tokenizer, configs, checkpoint, peft_model)
+
+
+def model_config_from(configs: dict[str, Any], where: Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint's config.json, or an error naming the file."""
+    try:
+        return from_dict(ModelConfig, configs["model"])
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{where}: 'model' section: {error}") from None
 
 
 def merge_lora_checkpoint(path: str | Path, out: str | Path) -> Path:
@@ -223,7 +471,10 @@ def merge_lora_checkpoint(path: str | Path, out: str | Path) -> Path:
 
 
 def load_weights(model: Transformer, file: Path) -> None:
-    state = load_file(str(file))
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error}); the checkpoint is damaged") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
     bad_missing = set(missing) - allowed_missing
@@ -231,6 +482,24 @@ def load_weights(model: Transformer, file: Path) -> None:
         raise ValueError(
             f"{file}: weights do not fit the model config: missing {sorted(bad_missing)}, unexpected {sorted(unexpected)}"
         )
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    """training_state.pt, read with weights_only=True: tensors and plain data only, so a checkpoint
+    from someone else cannot run code while it loads."""
+    path = checkpoint / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume from {checkpoint}: {STATE_FILE} is missing")
+    try:
+        with torch.serialization.safe_globals(STATE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)|got <class '([^']+)'>", str(error))
+        what = f" ({found.group(1) or found.group(2)})" if found else ""
+        raise CheckpointError(f"{path}: refused: it holds a Python object{what} that a training state never "
+                              "holds and that could run code when loaded") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable ({str(error).splitlines()[0]}); the checkpoint is damaged") from None
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="letter: probability of the option letter after the prompt (C-Eval's); "
                           "text: log-likelihood per byte of each option's text [letter]")
     mcq.add_argument("--shots", type=int, default=0, help="examples from the dev split before each question [0]")
+    mcq.add_argument("--answer-base", type=int, choices=[0, 1], default=None,
+                     help="what numeric answers count from: 0 (the first option is 0) or 1; needed only when a "
+                          "file's numbers include no 0 [letters: not needed]")
     mcq.add_argument("--explanations", action="store_true", help="show the dev examples' explanations")
     mcq.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     mcq.add_argument("--batch-size", type=int, default=16)
@@ -248,8 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # user errors: one clear line, no traceback
         print(f"xiaolm: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
+    except OSError as error:  # the file system refused (full, read-only, no permission): one line as well
+        if error.filename is None:
+            raise
+        print(f"xiaolm: error: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # training handles its signals itself (train/loop.py); elsewhere there is nothing to save
+        print("\nxiaolm: interrupted", file=sys.stderr)
         return 130
 
 
@@ -283,6 +291,9 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from xiaolm.tokenizer.bpe import load_tokenizer, train_tokenizer
 
     if args.tokenizer_command == "train":
+        from xiaolm.utils import check_output_folder
+
+        check_output_folder(args.out, "--out")
         texts = iter_documents(args.data, text_field=args.text_field)
         if args.max_chars:
             from xiaolm.utils import spread_sample
@@ -291,6 +302,9 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
         tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
         tokenizer.save(args.out)
         print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out}")
+        if tokenizer.vocab_size < args.vocab_size:
+            print(f"note: {args.vocab_size} tokens were asked for, but the text only had enough pairs to learn "
+                  f"{tokenizer.vocab_size}: give it more text or ask for fewer")
         return 0
     tokenizer = load_tokenizer(args.tokenizer)
     report = tokenizer_stats(tokenizer, iter_documents(args.data, text_field=args.text_field))
@@ -316,18 +330,21 @@ def tokenizer_stats(tokenizer, texts) -> dict[str, float]:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from xiaolm.data.shards import tokenize_files
-    from xiaolm.runtime import barrier, setup_runtime, shutdown_distributed
+    from xiaolm.runtime import barrier, check_model_fits, setup_runtime, shutdown_distributed
     from xiaolm.tokenizer.bpe import load_tokenizer
     from xiaolm.train.pretrain import pretrain
+    from xiaolm.utils import check_output_folder
 
     tokenizer = load_tokenizer(args.tokenizer)
     model_cfg = ModelConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size,
                                         **config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})))
     train_cfg = TrainConfig.from_preset(args.preset, **config_overrides(args, TrainConfig))
     out = Path(train_cfg.out_dir)
+    check_output_folder(out, "--out-dir")
     val = out / "tokens" / "val" if args.val_data else None
     # under torchrun one process per node tokenizes; the others wait for its shards
     runtime = setup_runtime(train_cfg.device, train_cfg.precision)
+    check_model_fits(model_cfg, runtime.device, training=True)
     ctx = runtime.ctx
     if ctx.local_rank == 0:
         tokenize_files(args.data, tokenizer, out / "tokens" / "train", text_field=args.text_field,
@@ -376,6 +393,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from xiaolm.checkpoint import load_model
     from xiaolm.eval.report import evals_dir
 
+    if args.eval_command == "mcq":  # read and check the exam before loading the model
+        from xiaolm.eval.mcq import McqConfig, check_shots, load_exam
+
+        exam = load_exam(args.data, args.split, args.subjects, answer_base=args.answer_base)
+        cfg = McqConfig(method=args.method, num_shots=args.shots, explanations=args.explanations, chat=args.chat,
+                        batch_size=args.batch_size, progress=args.progress)
+        check_shots(exam, cfg.num_shots)
     loaded = load_model(args.ckpt, args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     out = args.out or evals_dir(args.ckpt)
@@ -391,11 +415,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{name}: loss={result['loss']:.4f} perplexity={result['perplexity']:.2f} "
               f"bits_per_byte={result['bpb']:.4f} over {result['num_tokens']:,} tokens -> {out / (name + '.json')}")
         return 0
-    from xiaolm.eval.mcq import McqConfig, evaluate_mcq, format_summary, load_exam, write_mcq_results
+    from xiaolm.eval.mcq import evaluate_mcq, format_summary, write_mcq_results
 
-    exam = load_exam(args.data, args.split, args.subjects)
-    cfg = McqConfig(method=args.method, num_shots=args.shots, explanations=args.explanations, chat=args.chat,
-                    batch_size=args.batch_size, progress=args.progress)
     result = evaluate_mcq(model, tokenizer, exam, cfg)
     name = f"mcq_{args.data.stem}_{args.split}_{args.method}_{args.shots}shot" + ("_chat" if args.chat else "")
     written = write_mcq_results(result, out, name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,21 @@ def doc(help_text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> An
 
 def _multiple_of(value: float, multiple: int) -> int:
     return multiple * ((int(value) + multiple - 1) // multiple)
+
+
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_field_types(config: Any, where: str) -> None:
+    """Each field holds a value of its annotated type (an int is a fine float) and every float is
+    finite: a config.json edited by hand or a Python caller gets a message, not a TypeError later."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kinds = _FIELD_TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(f"{where}: {f.name} must be {kinds[-1].__name__}, got {type(value).__name__} {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: {f.name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -63,6 +79,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        check_field_types(self, "model config")
         if self.intermediate_size == 0:
             self.intermediate_size = _multiple_of(self.hidden_size * 8 / 3, 64)
         if self.num_experts > 0 and self.moe_intermediate_size == 0:
@@ -117,6 +134,21 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def num_parameters(self) -> int:
+        """Parameters of the model this config builds (a tied embedding counted once), from the
+        shapes alone: to size a model before allocating it (tested equal to the built model's)."""
+        hidden, heads = self.hidden_size, self.num_heads * self.head_dim
+        attention = hidden * heads * 2 + hidden * self.num_kv_heads * self.head_dim * 2
+        attention += 2 * self.head_dim if self.qk_norm else 0
+        dense = 3 * hidden * self.intermediate_size
+        moe = (hidden * self.num_experts + 3 * hidden * self.moe_intermediate_size
+               * (self.num_experts + self.num_shared_experts))
+        num_moe_layers = self.num_layers - self.first_k_dense if self.num_experts else 0
+        blocks = (self.num_layers * (attention + 2 * hidden) + (self.num_layers - num_moe_layers) * dense
+                  + num_moe_layers * moe)
+        embeddings = self.vocab_size * hidden * (1 if self.tie_embeddings else 2)
+        return embeddings + blocks + hidden
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -182,13 +214,23 @@ class TrainConfig:
     progress: bool = doc("Show a progress bar.", True)
 
     def __post_init__(self) -> None:
-        for name in ["seq_len", "batch_size", "grad_accum_steps", "max_steps"]:
+        check_field_types(self, "train config")
+        positive = ["seq_len", "batch_size", "grad_accum_steps", "max_steps", "eval_batches", "log_every",
+                    "keep_checkpoints", "max_bad_steps", "lr"]
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train config: {name} must be positive, got {getattr(self, name)}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"train config: precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
-            raise ValueError("train config: warmup_steps, eval_every and save_every must be >= 0")
+        for name in ["warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"train config: {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train config: min_lr_ratio must be in [0, 1] (the schedule ends at lr * min_lr_ratio), "
+                             f"got {self.min_lr_ratio}")
+        for name in ["beta1", "beta2"]:
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"train config: {name} must be in [0, 1), got {getattr(self, name)}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
@@ -241,6 +283,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Build a config from a dict, refusing unknown keys with a message naming them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected an object of fields, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -14,6 +14,7 @@ How a LoRA run is stored (the simplest design that resumes exactly and stays loa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,10 +40,14 @@ class LoraSettings:
     """Regular expression over module names (full match) choosing the nn.Linear layers to adapt."""
 
     def __post_init__(self) -> None:
-        if self.rank <= 0 or self.alpha <= 0:
+        if self.rank <= 0 or not self.alpha > 0:  # `not >`: NaN too
             raise ValueError(f"LoRA rank and alpha must be positive, got rank={self.rank}, alpha={self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        try:
+            re.compile(self.targets)
+        except re.error as error:
+            raise ValueError(f"LoRA targets {self.targets!r}: not a regular expression ({error})") from None
 
 
 def _peft():

@@ -8,6 +8,7 @@ and its `apply_chat_template` renders exactly what `render_chat` renders here.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -118,14 +119,24 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, min_frequency:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(batched(texts, 1000), trainer=trainer)
+    num_texts = 0
+
+    def counted(texts: Iterable[str]) -> Iterable[str]:
+        nonlocal num_texts
+        for text in texts:
+            num_texts += 1
+            yield text
+
+    tokenizer.train_from_iterator(batched(counted(texts), 1000), trainer=trainer)
+    if num_texts == 0:
+        raise ValueError("no text to train the tokenizer on: the data holds no documents")
     return XiaoTokenizer(tokenizer)
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / TOKENIZER_FILE))
+    _write_whole(directory / TOKENIZER_FILE, tokenizer.to_str(pretty=True))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -139,13 +150,25 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:
         "model_max_length": 1_000_000,
         "chat_template": CHAT_TEMPLATE,
     }
-    (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    _write_whole(directory / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     special_map = {"eos_token": IM_END, "pad_token": ENDOFTEXT, "additional_special_tokens": SPECIAL_TOKENS}
-    (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    _write_whole(directory / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: an interrupted save never leaves half a file where a
+    good tokenizer was."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def load_tokenizer(directory: str | Path) -> XiaoTokenizer:
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         raise ValueError(f"no tokenizer at {path}; train one with `xiaolm tokenizer train`")
-    return XiaoTokenizer(Tokenizer.from_file(str(path)))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{path}: not a readable tokenizer file ({error})") from None
+    return XiaoTokenizer(tokenizer)

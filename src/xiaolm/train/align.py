@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,16 @@ from xiaolm.data.chat import (
 from xiaolm.checkpoint import load_model
 from xiaolm.data.readers import ReadStats
 from xiaolm.model.transformer import Transformer
-from xiaolm.runtime import DistContext, Runtime, all_reduce_sum, rank_batches, seeded, setup_runtime
+from xiaolm.runtime import (
+    DistContext,
+    Runtime,
+    all_reduce_sum,
+    check_model_fits,
+    rank_batches,
+    resolve_device,
+    seeded,
+    setup_runtime,
+)
 from xiaolm.tokenizer.bpe import XiaoTokenizer
 from xiaolm.train.loop import Batch, Stage, TrainResult, train
 from xiaolm.train.stages import add_aux_loss, masked_forward, next_token_loss
@@ -137,6 +147,9 @@ class PreferenceData:
     examples: list[tuple[list[int], list[int], list[int]]]
     pad_id: int
     num_dropped: int = 0
+    num_identical: int = 0
+    """Pairs dropped because both replies were the same tokens: they carry no preference, only a
+    zero-gradient loss of log 2."""
     reference_logps: torch.Tensor | None = None
 
     @property
@@ -147,18 +160,24 @@ class PreferenceData:
 def build_preference_data(pairs: Sequence[PreferencePair], tokenizer: XiaoTokenizer, max_len: int,
                           truncate: str = "turns") -> PreferenceData:
     """Fit each pair into `max_len` tokens per sequence (`tokenize_preference`, under the `truncate`
-    policy); pairs that do not fit are counted (`num_dropped`) and dropped."""
-    examples, dropped = [], 0
+    policy); pairs that do not fit are counted (`num_dropped`) and dropped, and so are pairs whose
+    two replies are the same tokens (`num_identical`)."""
+    examples, dropped, identical = [], 0, 0
     for pair in pairs:
         example = tokenize_preference(tokenizer, pair, max_len + 1, truncate)
         if example is None:
             dropped += 1
+        elif example[1] == example[2]:
+            identical += 1
         else:
             examples.append(example)
     if not examples:
-        raise ValueError(f"no preference pair fits in seq_len={max_len} ({dropped} dropped); raise --seq-len"
-                         + (" or pass --truncate tokens" if truncate == "turns" else ""))
-    return PreferenceData(examples, tokenizer.eos_id, dropped)
+        if identical and not dropped:
+            raise ValueError(f"all {identical} preference pairs have the same chosen and rejected reply: "
+                             "there is no preference to learn")
+        raise ValueError(f"no preference pair fits in seq_len={max_len} ({dropped} dropped, {identical} with "
+                         "identical replies); raise --seq-len" + (" or pass --truncate tokens" if truncate == "turns" else ""))
+    return PreferenceData(examples, tokenizer.eos_id, dropped, identical)
 
 
 def preference_batch(data: PreferenceData, indices: Sequence[int]) -> Batch:
@@ -239,11 +258,18 @@ class _RewardMeter:
                 f"{prefix}reward_margin": (chosen - rejected) / count, f"{prefix}reward_accuracy": correct / count}
 
 
+def check_dpo_settings(beta: float) -> None:
+    if not 0 < beta < math.inf:  # NaN fails too
+        raise ValueError(f"DPO beta must be a positive number (the strength of the pull towards the reference), "
+                         f"got {beta}")
+
+
 def dpo_stage(train_data: PreferenceData, val_data: PreferenceData | None, cfg: TrainConfig, *,
               beta: float = 0.1, reference: nn.Module | None = None, trainable: Callable | None = None,
               identity: dict | None = None) -> Stage:
     """DPO against a frozen reference: either `reference` (a model, run every step) or the
     reference log-probabilities precomputed into `train_data` / `val_data`."""
+    check_dpo_settings(beta)
     if reference is None and train_data.reference_logps is None:
         raise ValueError("DPO needs a reference model or precomputed reference log-probabilities")
     if reference is not None:
@@ -319,12 +345,16 @@ def check_same_tokenizer(teacher: XiaoTokenizer, student: XiaoTokenizer) -> None
         )
 
 
+def check_distill_settings(temperature: float, alpha: float) -> None:
+    if not temperature > 0 or not 0 <= alpha <= 1:  # `not >`: NaN too
+        raise ValueError(f"distillation needs temperature > 0 and alpha in [0, 1], got {temperature}, {alpha}")
+
+
 def distill_stage(train_data: SftData, val_data: SftData | None, teacher: nn.Module, cfg: TrainConfig, *,
                   temperature: float = 2.0, alpha: float = 0.5, packed: bool = True,
                   trainable: Callable | None = None, identity: dict | None = None) -> Stage:
     """The SFT data and mask, with the loss pulled towards a frozen teacher's distribution."""
-    if temperature <= 0 or not 0 <= alpha <= 1:
-        raise ValueError(f"distillation needs temperature > 0 and alpha in [0, 1], got {temperature}, {alpha}")
+    check_distill_settings(temperature, alpha)
     teacher.eval().requires_grad_(False)
     base = sft_stage(train_data, val_data, cfg, packed=packed, trainable=trainable, identity=identity)
 
@@ -438,6 +468,7 @@ def run_dpo(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
             skip_bad: bool = False, lora=None,
             stop_after_steps: int | None = None) -> TrainResult:
     """DPO from `from_checkpoint`; the reference is `reference_checkpoint` or the starting model."""
+    check_dpo_settings(beta)
     start = load_model(from_checkpoint)
     model, tokenizer = start.model, start.tokenizer
     cfg = fit_seq_len(cfg, model)
@@ -451,8 +482,12 @@ def run_dpo(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
                                               preference=True)
     train_data = build_preference_data(train_items, tokenizer, cfg.seq_len, truncate)
     val = held_out_data(lambda items: build_preference_data(items, tokenizer, cfg.seq_len, truncate), val_items)
-    print(f"preference pairs: {train_data.num_pairs} train ({train_data.num_dropped} dropped), "
+    print(f"preference pairs: {train_data.num_pairs} train ({train_data.num_dropped} dropped: too long), "
           f"{val.num_pairs if val else 0} val")
+    num_identical = train_data.num_identical + (val.num_identical if val else 0)
+    if num_identical:
+        print(f"dropped {num_identical} pair(s) whose chosen and rejected replies are identical: "
+              "they teach no preference")
     runtime = setup_runtime(cfg.device, cfg.precision)
     if precompute_reference:
         train_data.reference_logps = compute_reference_logps(reference, train_data, cfg.batch_size, runtime)
@@ -478,6 +513,7 @@ def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Seque
     preset name (a fresh model with the teacher's tokenizer; `student_overrides` change its shape)."""
     from xiaolm.config import MODEL_PRESETS, ModelConfig
 
+    check_distill_settings(temperature, alpha)
     loaded = load_model(teacher_checkpoint)
     teacher, tokenizer = loaded.model, loaded.tokenizer
     if Path(student).exists():
@@ -485,9 +521,11 @@ def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Seque
         model = loaded.model
         check_same_tokenizer(tokenizer, loaded.tokenizer)
     elif str(student) in MODEL_PRESETS:
+        student_config = ModelConfig.from_preset(str(student), vocab_size=tokenizer.vocab_size,
+                                                 **(student_overrides or {}))
+        check_model_fits(student_config, resolve_device(cfg.device), training=True)
         with seeded(cfg.seed):
-            model = Transformer(ModelConfig.from_preset(str(student), vocab_size=tokenizer.vocab_size,
-                                                        **(student_overrides or {})))
+            model = Transformer(student_config)
     else:
         raise ValueError(f"--student {student}: no checkpoint there and not a model preset ({sorted(MODEL_PRESETS)})")
     cfg = fit_seq_len(cfg, model, teacher)

@@ -290,6 +290,7 @@ def train(
 
 def _restore(checkpoint: Path, model: nn.Module, optimizer, scaler, configs: dict[str, Any]) -> dict[str, Any]:
     """Load weights, optimizer and RNG state, refusing a checkpoint of a different run."""
+    ckpt.check_checkpoint(checkpoint)
     saved = ckpt.read_configs(checkpoint)
     if "model" in saved:  # fields added since the checkpoint was written take their defaults
         saved["model"] = to_dict(from_dict(ModelConfig, saved["model"]))
@@ -302,11 +303,8 @@ def _restore(checkpoint: Path, model: nn.Module, optimizer, scaler, configs: dic
             f"cannot resume from {checkpoint}: it was written by a different configuration:\n  "
             + "\n  ".join(problems)
         )
-    state_file = checkpoint / ckpt.STATE_FILE
-    if not state_file.is_file():
-        raise ValueError(f"cannot resume from {checkpoint}: {ckpt.STATE_FILE} is missing")
+    state = ckpt.load_training_state(checkpoint)
     ckpt.load_weights(model, checkpoint / ckpt.MODEL_FILE)
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
