@@ -5,18 +5,11 @@ import json
 import pytest
 import torch
 
-from xiaolm.data.chat import (
-    IGNORE_INDEX,
-    build_chat_data,
-    build_sft_data,
-    document_mask,
-    parse_conversation,
-    parse_preference,
-    read_conversations,
-    read_preferences,
-    tokenize_conversation,
-)
+from xiaolm.data.chat_formats import parse_conversation, parse_preference, read_conversations, read_preferences
+from xiaolm.data.chat_tokens import IGNORE_INDEX, build_sft_data, tokenize_conversation
+from xiaolm.data.corpus import build_chat_data
 from xiaolm.data.readers import BadRecordError, ReadStats
+from xiaolm.model.transformer import document_mask
 from xiaolm.tokenizer.bpe import IM_END, render_chat
 
 from conftest import SAMPLE
@@ -63,7 +56,7 @@ def test_bad_records_name_file_and_line(tmp_path, record, reason):
 def test_not_json_and_json_array_line_numbers(tmp_path):
     lines = tmp_path / "x.jsonl"
     lines.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{oops\n')
-    with pytest.raises(BadRecordError, match=r"x.jsonl:2: not JSON"):
+    with pytest.raises(BadRecordError, match=r"x.jsonl:2: bad JSON"):
         read_conversations([lines])
     array = tmp_path / "x.json"
     good = {"instruction": "a", "input": "", "output": "b"}

@@ -7,7 +7,7 @@ import math
 import torch
 
 from xiaolm.cli import main
-from xiaolm.data.chat import PreferencePair, read_preferences
+from xiaolm.data.chat_formats import PreferencePair, read_preferences
 from xiaolm.model.transformer import Transformer
 from xiaolm.train.align import (
     build_preference_data,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from xiaolm.data.readers import BadRecordError, ReadStats, iter_documents, list_data_files
+from xiaolm.data.readers import BadRecordError, ReadStats, iter_documents, iter_json_records, list_data_files
 
 
 def write_jsonl(path: Path, records: list[object]) -> Path:
@@ -49,7 +49,7 @@ def test_malformed_records(tmp_path: Path, record: object, reason: str) -> None:
         list(iter_documents([path]))
 
 
-def test_skip_bad_counts_and_keeps_locations(tmp_path: Path) -> None:
+def test_skip_bad_counts_and_keeps_locations(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "x.jsonl"
     path.write_text('{"text": "a"}\nnot json\n{"body": "b"}\n{"text": "c"}\n', encoding="utf-8")
     stats = ReadStats()
@@ -57,6 +57,10 @@ def test_skip_bad_counts_and_keeps_locations(tmp_path: Path) -> None:
     assert (stats.num_documents, stats.num_bad) == (2, 2)
     assert stats.bad_examples[0].startswith(f"{path}:2: bad JSON")
     assert stats.bad_examples[1].startswith(f"{path}:3: field 'text' is missing")
+    ReadStats().report_skipped()
+    assert capsys.readouterr().out == ""
+    stats.report_skipped()
+    assert capsys.readouterr().out.startswith(f"skipped 2 bad record(s); first: ['{path}:2: bad JSON")
 
 
 def test_invalid_utf8_is_a_bad_record_on_its_line(tmp_path: Path) -> None:
@@ -64,6 +68,10 @@ def test_invalid_utf8_is_a_bad_record_on_its_line(tmp_path: Path) -> None:
     path.write_bytes(b'{"text": "a"}\n{"text": "\xff"}\n')
     with pytest.raises(BadRecordError, match=r":2: not valid UTF-8"):
         list(iter_documents([path]))
+    array = tmp_path / "x.json"
+    array.write_bytes(b'[{"text": "a"},\n{"text": "\xff"}]\n')
+    with pytest.raises(BadRecordError, match=r"x.json:2: not valid UTF-8"):
+        list(iter_documents([array]))
 
 
 def test_custom_text_field(tmp_path: Path) -> None:
@@ -75,6 +83,36 @@ def test_json_array_file(tmp_path: Path) -> None:
     path = tmp_path / "x.json"
     path.write_text(json.dumps([{"text": "one"}, {"text": "two"}], indent=2), encoding="utf-8")
     assert list(iter_documents([path])) == ["one", "two"]
+    with gzip.open(tmp_path / "y.json.gz", "wt", encoding="utf-8") as file:
+        file.write('\ufeff  [{"text": "zipped"}]\n')
+    assert list(iter_documents([tmp_path / "y.json.gz"])) == ["zipped"]
+
+
+def test_json_array_records_carry_the_line_they_start_on(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_text('[\n  {"text": "a"},\n\n  {"text":\n "b"}, {"body": "c"}\n]\n', encoding="utf-8")
+    assert [line for line, _ in iter_json_records(path)] == [2, 4, 5]
+    with pytest.raises(BadRecordError, match=rf"^{path}:5: field 'text' is missing"):
+        list(iter_documents([path]))
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "reason"),
+    [
+        ('[{"text": "a"},\n {"text": "b"}', 2, "Expecting ',' delimiter"),  # cut off: no "]"
+        ('[{"text": "a"},\n {"text": "b"}\n {"text": "c"}]', 3, "Expecting ',' delimiter"),
+        ('[{"text": "a"},\n {"text": "b"},\n]', 3, "Expecting value"),
+        ('[{"text": "a"},\n {"text": "b"}]\n[{"text": "c"}]', 3, "Extra data"),
+    ],
+)
+def test_malformed_json_array_keeps_the_records_before_the_error(
+    tmp_path: Path, text: str, line: int, reason: str
+) -> None:
+    path = tmp_path / "x.json"
+    path.write_text(text, encoding="utf-8")
+    stats = ReadStats()
+    assert list(iter_documents([path], skip_bad=True, stats=stats)) == ["a", "b"]
+    assert stats.num_bad == 1 and stats.bad_examples[0].startswith(f"{path}:{line}: bad JSON ({reason}")
 
 
 def test_txt_documents_split_at_blank_lines(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ import json
 import torch
 
 from xiaolm.cli import main
-from xiaolm.data.chat import build_sft_data
+from xiaolm.data.chat_tokens import build_sft_data
 from xiaolm.model.transformer import Transformer
 from xiaolm.train.align import masked_forward, run_sft
 from xiaolm.checkpoint import load_model

@@ -273,7 +273,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     failed = [s["name"] for s in manifest["sources"] if s.get("status") != "ok"]
     print(f"corpus at {out}: {manifest['totals']}")
     if args.chat:
-        from xiaolm.data.chat import build_chat_data
+        from xiaolm.data.corpus import build_chat_data
 
         chat = build_chat_data(out / "chat", default_cache_dir() / "packages", name=args.model_name,
                                val_fraction=args.chat_val_fraction, include_unilaw=args.chat_unilaw,

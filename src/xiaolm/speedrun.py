@@ -158,7 +158,7 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
     tokens the tiny model learns short answers that end with <|im_end|> (measured against
     replies cut at 256 tokens in docs/benchmarks.md, "Learning to stop").
     """
-    from xiaolm.data.chat import build_chat_data
+    from xiaolm.data.corpus import build_chat_data
     from xiaolm.train.align import run_dpo, run_sft
 
     def stage(name: str) -> float:
@@ -215,7 +215,7 @@ how often a model ends its answer itself, on more than the fixed questions."""
 
 def held_out_prompts(chat_dir: Path, limit: int = HELD_OUT_PROMPTS) -> list[str]:
     """The first user message of each of the first `limit` conversations in CHAT/sft/val.jsonl."""
-    from xiaolm.data.chat import read_conversations
+    from xiaolm.data.chat_formats import read_conversations
 
     return [next(m["content"] for m in conversation if m["role"] == "user")
             for conversation in read_conversations([chat_dir / "sft" / "val.jsonl"])[:limit]]

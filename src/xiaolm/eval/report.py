@@ -57,23 +57,6 @@ def svg_line_chart(series: dict[str, list[tuple[float, float]]], title: str, y_l
     return "\n".join(parts)
 
 
-def write_curves(run_dir: str | Path, out_dir: str | Path) -> list[str]:
-    """Write loss.svg (train and val loss) and bpb.svg (val bits-per-byte); return their names."""
-    metrics = read_metrics(run_dir)
-    train = [(m["step"], m["loss"]) for m in metrics if isinstance(m.get("loss"), float)]
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    bpb = [(m["step"], m["val_bpb"]) for m in metrics if "val_bpb" in m]
-    written = []
-    out_dir = Path(out_dir)
-    if train or val:
-        (out_dir / "loss.svg").write_text(svg_line_chart({"train": train, "val": val}, "loss", "nats / token"))
-        written.append("loss.svg")
-    if bpb:
-        (out_dir / "bpb.svg").write_text(svg_line_chart({"val": bpb}, "validation bits per byte", "bits / byte"))
-        written.append("bpb.svg")
-    return written
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""

@@ -55,6 +55,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).type_as(x)
 
 
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool mask: causal, and only within one document, the
+    `attn_mask` that keeps documents packed into one row (SFT) from attending to each other.
+    Padding (-1) attends to padding, so no query row is empty (an empty row gives NaN)."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
+
+
 @dataclass
 class KVCache:
     """Preallocated keys and values for every layer; `length` positions are filled."""

@@ -35,18 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xiaolm.config import TrainConfig, to_dict
-from xiaolm.data.chat import (
-    IGNORE_INDEX,
-    PreferencePair,
-    SftData,
-    build_sft_data,
-    read_conversations,
-    read_preferences,
-    split_held_out,
-    tokenize_preference,
-)
 from xiaolm.checkpoint import load_model
+from xiaolm.config import TrainConfig, to_dict
+from xiaolm.data.chat_formats import PreferencePair, read_conversations, read_preferences
+from xiaolm.data.chat_tokens import IGNORE_INDEX, SftData, build_sft_data, tokenize_preference
+from xiaolm.data.corpus import split_held_out
 from xiaolm.data.readers import ReadStats
 from xiaolm.model.transformer import Transformer
 from xiaolm.runtime import (
@@ -415,8 +408,7 @@ def load_chat_splits(data: Sequence[str | Path], val_data: Sequence[str | Path] 
         train_items, val_items = split_held_out(train_items, val_fraction, key=key)
     else:
         val_items = []
-    if stats.num_bad:
-        print(f"skipped {stats.num_bad} bad record(s); first: {stats.bad_examples[:3]}")
+    stats.report_skipped()
     if not train_items:
         raise ValueError(f"no training records in {[str(p) for p in data]}")
     return train_items, val_items

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from xiaolm.config import TrainConfig
-from xiaolm.data.chat import document_mask
 from xiaolm.data.shards import PackedTokens
 from xiaolm.eval.ppl import evaluate_packed
+from xiaolm.model.transformer import document_mask
 from xiaolm.train.loop import Batch, Stage, unwrap_model
 
 
