@@ -10,7 +10,7 @@ Layout of `RUN/checkpoints/step_000100/`:
 `RUN/checkpoints/latest` names the newest complete checkpoint; it is replaced atomically only
 after the folder is complete, so a kill at any moment leaves the last good checkpoint in place.
 Every load verifies the checksums (`verify_checkpoint`): a truncated or modified file is an error
-naming it, and `--resume` falls back to the newest checkpoint that verifies (`recover_checkpoints`).
+naming it, and `--resume` falls back to the newest checkpoint that verifies (`find_resume_point`).
 `training_state.pt` is read with `torch.load(weights_only=True)`: a checkpoint from someone else
 cannot run code.
 """
@@ -130,18 +130,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_checksums(directory: Path, names: list[str] | None = None) -> None:
-    """Record the size and sha256 of every file under `directory` (or only of `names`, relative
-    paths, added to what checksums.json already lists) in checksums.json, replaced atomically."""
+def write_checksums(directory: Path, new_files_only: bool = False) -> None:
+    """Record the size and sha256 of every file under `directory` in checksums.json (replaced
+    atomically); `new_files_only`: keep what it lists and add the files it does not list yet."""
     path = directory / CHECKSUMS_FILE
-    if names is None:
-        names = sorted(str(f.relative_to(directory)) for f in directory.rglob("*")
-                       if f.is_file() and f.name != CHECKSUMS_FILE)
-        files = {}
-    else:
-        files = _read_checksums(path) if path.is_file() else {}
-    for name in names:
-        files[name] = {"size": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
+    files = _read_checksums(path) if new_files_only and path.is_file() else {}
+    for file in sorted(directory.rglob("*")):
+        name = str(file.relative_to(directory))
+        if file.is_file() and CHECKSUMS_FILE not in file.name and name not in files:
+            files[name] = {"size": file.stat().st_size, "sha256": file_sha256(file)}
     tmp = path.with_name(f".{CHECKSUMS_FILE}.tmp")
     tmp.write_text(json.dumps({"algorithm": "sha256", "files": dict(sorted(files.items()))}, indent=1) + "\n")
     os.replace(tmp, path)
@@ -311,55 +308,70 @@ def checkpoint_problem(checkpoint: Path, files: tuple[str, ...] = (MODEL_FILE, C
 
 @dataclass
 class ResumePoint:
-    """The checkpoint `recover_checkpoints` chose (None: nothing to resume, a fresh start) and what
-    it found on the way, to print."""
+    """Where a run starts: `checkpoint` (None: from scratch), the unusable checkpoint folders found
+    on the way, and notes saying what was found and why this checkpoint was chosen."""
 
     checkpoint: Path | None
+    unusable: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
-def recover_checkpoints(run_dir: str | Path) -> ResumePoint:
-    """Choose the checkpoint a `--resume` continues from: the newest complete one whose checksums
-    verify, whatever `latest` says (a kill between a folder's rename and the update of `latest`
-    leaves a newer complete folder). Unusable folders are renamed `.unusable-step_NNNNNN` (kept for
-    inspection, out of the way of later saves) and `latest` is pointed at the choice. Raises
-    ValueError when the run has checkpoints but none is usable; a folder without checkpoints is a
-    fresh start."""
+def find_resume_point(run_dir: str | Path, resume: bool) -> ResumePoint:
+    """Where a run in `run_dir` starts, changing nothing on disk (so it can be checked before any work).
+
+    Without `resume`, a folder that holds checkpoints is refused. With it, the run continues from
+    the newest complete checkpoint whose checksums verify, whatever `latest` says (a kill between a
+    folder's rename and the update of `latest` leaves a newer complete folder); a folder without
+    checkpoints is a fresh start; one whose checkpoints are all unusable is refused, naming them."""
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     if not has_checkpoints(run_dir):
-        return ResumePoint(None, [f"no checkpoint in {run_dir}: starting a fresh run"])
+        return ResumePoint(None, notes=[f"no checkpoint in {run_dir}: starting a fresh run"] if resume else [])
     latest_file = root / LATEST_FILE
     latest = latest_file.read_text().strip() if latest_file.is_file() else None
-    notes, skipped, chosen = [], [], None
+    if not resume:
+        raise ValueError(f"{run_dir} already holds checkpoints ({latest or 'no latest'}); pass --resume to "
+                         "continue it or choose another --out-dir")
+    point, problems = ResumePoint(None), []
     for folder in step_folders(root):
         problem = checkpoint_problem(folder)
         if problem is None:
-            chosen = folder
+            point.checkpoint = folder
             break
-        skipped.append(f"{folder.name} ({problem})")
+        point.unusable.append(folder)
+        problems.append(f"{folder.name} ({problem})")
+    chosen = point.checkpoint
     if chosen is None:
-        found = "; ".join(skipped) or "no step folder"
         raise ValueError(
             f"cannot resume {run_dir}: none of its checkpoints is usable (latest names {latest or 'nothing'}; "
-            f"found: {found}); move the run folder away or choose another --out-dir to start a new run"
+            f"found: {'; '.join(problems) or 'no step folder'}); move the run folder away or choose another "
+            "--out-dir to start a new run"
         )
-    for entry in skipped:
-        name = entry.split(" ", 1)[0]
-        (root / name).rename(root / f".unusable-{name}")
-        notes.append(f"skipped {entry}; kept as {root / ('.unusable-' + name)}")
+    point.notes += [f"skipped {problem}" for problem in problems]
     if latest is None:
-        notes.append(f"{latest_file} is missing")
+        point.notes.append(f"{latest_file} is missing")
     elif latest != chosen.name and not (root / latest).exists():
-        notes.append(f"{latest_file} names {latest}, which does not exist")
-    elif latest != chosen.name and int(latest.split("_")[-1]) < int(chosen.name.split("_")[1]):
-        notes.append(f"{chosen.name} is complete but {latest_file} still named {latest}: "
-                     "the run was stopped between the two")
+        point.notes.append(f"{latest_file} names {latest}, which does not exist")
+    elif latest != chosen.name and STEP_FOLDER.fullmatch(latest) and int(latest[5:]) < int(chosen.name[5:]):
+        point.notes.append(f"{chosen.name} is complete but {latest_file} still named {latest}: the run was "
+                           "stopped between the two")
     if not verify_checkpoint(chosen):
-        notes.append(f"{chosen} has no {CHECKSUMS_FILE} (written before xiaolm recorded checksums): unverified")
-    if latest != chosen.name:
-        point_latest_at(chosen)
-    return ResumePoint(chosen, notes)
+        point.notes.append(f"{chosen} has no {CHECKSUMS_FILE} (written before xiaolm recorded checksums): unverified")
+    return point
+
+
+def settle_resume_point(point: ResumePoint) -> None:
+    """Make the disk agree with `point`: unusable checkpoint folders are renamed
+    `.unusable-step_NNNNNN` (kept for inspection, out of the way of later saves and pruning) and
+    `latest` names the checkpoint the run continues from."""
+    for folder in point.unusable:
+        kept = folder.with_name(f".unusable-{folder.name}")
+        shutil.rmtree(kept, ignore_errors=True)
+        folder.rename(kept)
+        point.notes.append(f"{folder.name} is kept as {kept}")
+    latest = point.checkpoint.parent / LATEST_FILE
+    if not latest.is_file() or latest.read_text().strip() != point.checkpoint.name:
+        point_latest_at(point.checkpoint)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

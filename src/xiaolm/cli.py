@@ -329,6 +329,7 @@ def tokenizer_stats(tokenizer, texts) -> dict[str, float]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from xiaolm.checkpoint import find_resume_point
     from xiaolm.data.shards import tokenize_files
     from xiaolm.runtime import barrier, check_model_fits, setup_runtime, shutdown_distributed
     from xiaolm.tokenizer.bpe import load_tokenizer
@@ -341,6 +342,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     train_cfg = TrainConfig.from_preset(args.preset, **config_overrides(args, TrainConfig))
     out = Path(train_cfg.out_dir)
     check_output_folder(out, "--out-dir")
+    find_resume_point(out, train_cfg.resume)  # a run folder it cannot start from is refused before tokenizing
     val = out / "tokens" / "val" if args.val_data else None
     # under torchrun one process per node tokenizes; the others wait for its shards
     runtime = setup_runtime(train_cfg.device, train_cfg.precision)

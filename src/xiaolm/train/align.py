@@ -388,9 +388,11 @@ def _with_lora(model: Transformer, lora, seed: int) -> tuple[Any, Callable | Non
 
 def _finish(result: TrainResult, peft_model) -> TrainResult:
     if peft_model is not None and result.checkpoint is not None:
+        from xiaolm.checkpoint import write_checksums
         from xiaolm.model.lora import save_adapter
 
         save_adapter(peft_model, result.checkpoint)
+        write_checksums(result.checkpoint, new_files_only=True)  # the adapter files are verified too
     return result
 
 
