@@ -24,15 +24,16 @@ import pytest
 
 from conftest import SAMPLE, sample_texts, tiny_model_config, tiny_train_config
 
-TINY = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--num-kv-heads", "2", "--max-seq-len", "64",
-        "--seq-len", "32", "--batch-size", "4", "--eval-every", "2", "--eval-batches", "2", "--save-every", "2",
-        "--log-every", "1", "--warmup-steps", "1", "--device", "cpu", "--no-progress"]
+TINY = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--num-kv-heads", "2",
+        "--max-seq-len", "64", "--seq-len", "32", "--batch-size", "4", "--eval-every", "2",
+        "--eval-batches", "2", "--save-every", "2", "--log-every", "1", "--warmup-steps", "1",
+        "--device", "cpu", "--no-progress"]
 
 
 def xiaolm(args: list[str], cwd: Path, stdin: bytes = b"", preexec_fn=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "xiaolm.cli", *args], cwd=cwd, input=stdin, capture_output=True,
-                          timeout=300, env=env, preexec_fn=preexec_fn)
+    return subprocess.run([sys.executable, "-m", "xiaolm.cli", *args], cwd=cwd, input=stdin,
+                          capture_output=True, timeout=300, env=env, preexec_fn=preexec_fn)
 
 
 def assert_refused(result: subprocess.CompletedProcess, pattern: str) -> str:
@@ -64,15 +65,17 @@ def assets(tmp_path_factory, tokenizer, tokenizer_dir, shards):
             handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     pretrain(tiny_model_config(), tiny_train_config(root / "run", max_steps=2, save_every=2, eval_every=0),
              tokenizer, shards[0])
-    turn = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！我是 xiaolm。"}]
-    (root / "same.jsonl").write_text(json.dumps({"chosen": turn, "rejected": turn}, ensure_ascii=False) + "\n")
+    turn = [{"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "你好！我是 xiaolm。"}]
+    same = {"chosen": turn, "rejected": turn}
+    (root / "same.jsonl").write_text(json.dumps(same, ensure_ascii=False) + "\n")
     shutil.copy(SAMPLE / "chat" / "sft" / "val.jsonl", root / "sft.jsonl")
     return root
 
 
 def pretrain_args(*extra: str) -> list[str]:
-    return ["pretrain", "--data", "train.jsonl", "--tokenizer", "tok", *TINY, "--max-steps", "2", "--out-dir", "out",
-            *extra]
+    return ["pretrain", "--data", "train.jsonl", "--tokenizer", "tok", *TINY, "--max-steps", "2",
+            "--out-dir", "out", *extra]
 
 
 def old_checkpoint(folder: Path) -> Path:
@@ -113,7 +116,8 @@ def case_plain_text_named_gz(folder):
 
 def case_tokenizer_on_empty_file(folder):
     (folder / "empty.jsonl").write_text("")
-    return ["tokenizer", "train", "--data", "empty.jsonl", "--out", "newtok"], "no text to train the tokenizer on"
+    return ["tokenizer", "train", "--data", "empty.jsonl", "--out", "newtok"], \
+        "no text to train the tokenizer on"
 
 
 def case_corrupt_tokenizer_json(folder):
@@ -127,7 +131,8 @@ def case_tokenizer_out_is_a_file(folder):
 
 
 def case_absurd_hidden_size(folder):
-    return pretrain_args("--hidden-size", "100000000"), r"parameters .* need about [\d,]+ GiB .* more than the"
+    return pretrain_args("--hidden-size", "100000000"), \
+        r"parameters .* need about [\d,]+ GiB .* more than the"
 
 
 def case_log_every_0(folder):
@@ -148,8 +153,9 @@ def case_dpo_negative_beta(folder):
 
 
 def case_lora_targets_not_a_regex(folder):
-    return ["sft", "--from", "run", "--data", "sft.jsonl", "--lora", "--lora-targets", "(", "--out-dir", "out"], \
-        r"LoRA targets '\(': not a regular expression"
+    args = ["sft", "--from", "run", "--data", "sft.jsonl", "--lora", "--lora-targets", "(",
+            "--out-dir", "out"]
+    return args, r"LoRA targets '\(': not a regular expression"
 
 
 def case_eval_ppl_seq_len_0(folder):
@@ -193,7 +199,8 @@ def case_flipped_weight_bytes(command):
 
 def case_garbled_weights_without_checksums(folder):
     (old_checkpoint(folder) / "model.safetensors").write_bytes(b"garbage\n")
-    return ["generate", "--ckpt", "run", "--prompt", "x"], r"model\.safetensors: not a readable safetensors file"
+    return ["generate", "--ckpt", "run", "--prompt", "x"], \
+        r"model\.safetensors: not a readable safetensors file"
 
 
 def case_config_not_json(folder):
@@ -244,7 +251,8 @@ def case_mcq_row_with_an_extra_value(folder):
 
 
 def case_mcq_multiline_question_line(folder):
-    write_mcq(folder, '0,"下面哪个数\n是偶数？",1,2,3,5,B,\n1,"下面哪个数\n最大？\n",1,2,3,5,Z,\n')
+    write_mcq(folder, '0,"哪个数\n是偶数？",1,2,3,5,B,\n'
+                      '1,"哪个数\n最大？\n",1,2,3,5,Z,\n')
     return mcq_args(), r"math_val\.csv:4: answer 'Z' is outside the 4 options"
 
 
@@ -271,9 +279,11 @@ CASES = {
     "chat --temperature nan": case_chat_temperature_nan,
     "--out-dir a file": case_out_dir_is_a_file,
     "--out-dir inside a file": case_out_dir_inside_a_file,
-    "truncated model.safetensors: generate": case_truncated_weights(["generate", "--ckpt", "run", "--prompt", "x"]),
+    "truncated model.safetensors: generate": case_truncated_weights(
+        ["generate", "--ckpt", "run", "--prompt", "x"]),
     "truncated model.safetensors: chat": case_truncated_weights(["chat", "--ckpt", "run"]),
-    "truncated model.safetensors: export": case_truncated_weights(["export", "hf", "--ckpt", "run", "--out", "hf"]),
+    "truncated model.safetensors: export": case_truncated_weights(
+        ["export", "hf", "--ckpt", "run", "--out", "hf"]),
     "truncated model.safetensors: eval": case_truncated_weights(
         ["eval", "ppl", "--ckpt", "run", "--data", "train.jsonl"]),
     "truncated model.safetensors: resume": case_truncated_weights(
@@ -308,8 +318,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(name, assets, tmp_path
     assert snapshot(folder) == before
 
 
-@pytest.mark.xfail(strict=True, reason="pending: the interop branch makes load_model import transformers folders; "
-                                       "today `eval` on an exported folder is refused ('no model section')")
+@pytest.mark.xfail(strict=True, reason="pending: the interop branch makes load_model import transformers "
+                                       "folders; today `eval` on an exported folder is refused ('no model "
+                                       "section')")
 def test_eval_takes_a_folder_written_by_export_hf(assets, tmp_path):
     shutil.copytree(assets, tmp_path / "case")
     assert xiaolm(["export", "hf", "--ckpt", "run", "--out", "hf"], tmp_path / "case").returncode == 0
@@ -380,13 +391,16 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(assets, tmp_path)
                         handle.write(b"\0" * 65536)
                         handle.flush()
             os.truncate(filler, max(0, filler.stat().st_size - 128 * 1024))
-            pattern = r"cannot write checkpoint step_000004 .*: no space left on the disk: a checkpoint needs about "
+            pattern = r"cannot write checkpoint step_000004 .*: no space left on the disk: a checkpoint "
         else:
             pattern = r"cannot write checkpoint step_000004 .*File too large"
+        def limit_file_size():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
         result = xiaolm([*args, "--resume", "--max-steps", "4"], folder,
-                        preexec_fn=None if limit is None else lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
-                                                                                       (limit, limit)))
-        line = assert_refused(result, pattern + r".*the last good checkpoint, disk/run/checkpoints/step_000002, is intact")
+                        preexec_fn=None if limit is None else limit_file_size)
+        intact = r".*the last good checkpoint, disk/run/checkpoints/step_000002, is intact"
+        line = assert_refused(result, pattern + intact)
         assert snapshot(checkpoints) == before, line  # no half-written folder, latest unchanged
         if limit is None:
             filler.unlink()

@@ -50,7 +50,8 @@ STEP_FOLDER = re.compile(r"step_(\d+)")
 # state holds an array (python's is a tuple, torch's a tensor: allowed anyway); numpy 1 and 2 name
 # the array constructor differently
 _reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
-STATE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (_reconstruct, "numpy.core.multiarray._reconstruct"),
+STATE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                 (_reconstruct, "numpy.core.multiarray._reconstruct"),
                  (_reconstruct, "numpy._core.multiarray._reconstruct")]
 
 
@@ -147,7 +148,7 @@ def write_checksums(directory: Path, new_files_only: bool = False) -> None:
 def _read_checksums(path: Path) -> dict[str, dict[str, Any]]:
     try:
         files = json.loads(path.read_text())["files"]
-        if not all(isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str) for v in files.values()):
+        if not all(isinstance(v["size"], int) and isinstance(v["sha256"], str) for v in files.values()):
             raise TypeError("an entry lacks its size or sha256")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{path}: unreadable ({error}); the checkpoint is damaged") from None
@@ -165,14 +166,15 @@ def verify_checkpoint(directory: str | Path) -> bool:
     for name, expected in _read_checksums(path).items():
         file = directory / name
         if not file.is_file():
-            raise CheckpointError(f"{file}: missing (listed in {CHECKSUMS_FILE}); the checkpoint is incomplete")
+            raise CheckpointError(f"{file}: missing (listed in {CHECKSUMS_FILE}); the checkpoint is "
+                                  "incomplete")
         size = file.stat().st_size
         if size != expected["size"]:
             state = "truncated or changed" if size < expected["size"] else "changed"
             raise CheckpointError(f"{file}: {state} ({size:,} bytes; {expected['size']:,} were written)")
         if file_sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"{file}: checksum mismatch (sha256 differs from the one recorded when it was "
-                                  "written): the file was changed or damaged")
+            raise CheckpointError(f"{file}: checksum mismatch (sha256 differs from the one recorded when it "
+                                  "was written): the file was changed or damaged")
     return True
 
 
@@ -214,7 +216,8 @@ def save_checkpoint(
         if isinstance(error, SafetensorError):  # safetensors reports the OS error in its message
             code = re.search(r"os error (\d+)", str(error))
             error = OSError(int(code.group(1)) if code else None, str(error))
-        raise CheckpointWriteError(error, root, name, _checkpoint_bytes(model, tokenizer, training_state)) from None
+        num_bytes = _checkpoint_bytes(model, tokenizer, training_state)
+        raise CheckpointWriteError(error, root, name, num_bytes) from None
     final = root / name
     if final.exists():  # re-saving a step (after a resume): move the old one aside first
         trash = root / f".old-{name}-{os.getpid()}"
@@ -233,7 +236,8 @@ class CheckpointWriteError(ValueError):
     def __init__(self, error: OSError, root: Path, name: str, num_bytes: int) -> None:
         latest = root / LATEST_FILE
         last = root / latest.read_text().strip() if latest.is_file() else None
-        kept = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint of this run was written yet"
+        kept = (f"the last good checkpoint, {last}, is intact" if last
+                else "no checkpoint of this run was written yet")
         if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             free = shutil.disk_usage(root).free if root.is_dir() else 0
             reason = (f"no space left on the disk: a checkpoint needs about {num_bytes / 2**20:,.1f} MiB and "
@@ -294,9 +298,9 @@ def has_checkpoints(run_dir: str | Path) -> bool:
     return (root / LATEST_FILE).is_file() or bool(root.is_dir() and step_folders(root))
 
 
-def checkpoint_problem(checkpoint: Path, files: tuple[str, ...] = (MODEL_FILE, CONFIG_FILE, STATE_FILE)) -> str | None:
+def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why `checkpoint` cannot be resumed from (a file missing, a checksum mismatch), or None."""
-    missing = [name for name in files if not (checkpoint / name).is_file()]
+    missing = [name for name in (MODEL_FILE, CONFIG_FILE, STATE_FILE) if not (checkpoint / name).is_file()]
     if missing:
         return f"incomplete: {', '.join(missing)} missing"
     try:
@@ -326,7 +330,8 @@ def find_resume_point(run_dir: str | Path, resume: bool) -> ResumePoint:
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     if not has_checkpoints(run_dir):
-        return ResumePoint(None, notes=[f"no checkpoint in {run_dir}: starting a fresh run"] if resume else [])
+        fresh = [f"no checkpoint in {run_dir}: starting a fresh run"] if resume else []
+        return ResumePoint(None, notes=fresh)
     latest_file = root / LATEST_FILE
     latest = latest_file.read_text().strip() if latest_file.is_file() else None
     if not resume:
@@ -343,9 +348,9 @@ def find_resume_point(run_dir: str | Path, resume: bool) -> ResumePoint:
     chosen = point.checkpoint
     if chosen is None:
         raise ValueError(
-            f"cannot resume {run_dir}: none of its checkpoints is usable (latest names {latest or 'nothing'}; "
-            f"found: {'; '.join(problems) or 'no step folder'}); move the run folder away or choose another "
-            "--out-dir to start a new run"
+            f"cannot resume {run_dir}: none of its checkpoints is usable (latest names "
+            f"{latest or 'nothing'}; found: {'; '.join(problems) or 'no step folder'}); move the run folder "
+            "away or choose another --out-dir to start a new run"
         )
     point.notes += [f"skipped {problem}" for problem in problems]
     if latest is None:
@@ -356,7 +361,8 @@ def find_resume_point(run_dir: str | Path, resume: bool) -> ResumePoint:
         point.notes.append(f"{chosen.name} is complete but {latest_file} still named {latest}: the run was "
                            "stopped between the two")
     if not verify_checkpoint(chosen):
-        point.notes.append(f"{chosen} has no {CHECKSUMS_FILE} (written before xiaolm recorded checksums): unverified")
+        point.notes.append(f"{chosen} has no {CHECKSUMS_FILE} (written before xiaolm recorded checksums): "
+                           "unverified")
     return point
 
 
@@ -486,7 +492,8 @@ def load_weights(model: Transformer, file: Path) -> None:
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({error}); the checkpoint is damaged") from None
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error}); the checkpoint is "
+                              "damaged") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
     bad_missing = set(missing) - allowed_missing
@@ -511,7 +518,8 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: refused: it holds a Python object{what} that a training state never "
                               "holds and that could run code when loaded") from None
     except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: unreadable ({str(error).splitlines()[0]}); the checkpoint is damaged") from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path}: unreadable ({reason}); the checkpoint is damaged") from None
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -36,7 +36,8 @@ def check_field_types(config: Any, where: str) -> None:
         value = getattr(config, f.name)
         kinds = _FIELD_TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise ValueError(f"{where}: {f.name} must be {kinds[-1].__name__}, got {type(value).__name__} {value!r}")
+            raise ValueError(f"{where}: {f.name} must be {kinds[-1].__name__}, got {type(value).__name__} "
+                             f"{value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{where}: {f.name} must be a finite number, got {value}")
 
@@ -226,8 +227,8 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"train config: {name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"train config: min_lr_ratio must be in [0, 1] (the schedule ends at lr * min_lr_ratio), "
-                             f"got {self.min_lr_ratio}")
+            raise ValueError("train config: min_lr_ratio must be in [0, 1] (the schedule ends at lr * "
+                             f"min_lr_ratio), got {self.min_lr_ratio}")
         for name in ["beta1", "beta2"]:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"train config: {name} must be in [0, 1), got {getattr(self, name)}")

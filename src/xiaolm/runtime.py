@@ -185,9 +185,10 @@ def check_model_fits(config, device: torch.device, training: bool) -> None:
     count = f"{num_parameters / 1e6:,.1f}M" if num_parameters < 1e9 else f"{num_parameters / 1e9:,.1f}B"
     what = "weights, gradients and AdamW states" if training else "fp32 weights"
     raise ValueError(
-        f"model config: {count} parameters (hidden_size {config.hidden_size}, num_layers {config.num_layers}, "
-        f"vocab_size {config.vocab_size}, max_seq_len {config.max_seq_len}) need about {needed / 2**30:,.0f} GiB "
-        f"for {what}, more than the {available / 2**30:,.0f} GiB of {device.type} memory here; choose a smaller model"
+        f"model config: {count} parameters (hidden_size {config.hidden_size}, num_layers "
+        f"{config.num_layers}, vocab_size {config.vocab_size}, max_seq_len {config.max_seq_len}) need about "
+        f"{needed / 2**30:,.0f} GiB for {what}, more than the {available / 2**30:,.0f} GiB of "
+        f"{device.type} memory here; choose a smaller model"
     )
 
 

@@ -210,14 +210,15 @@ def _open_binary(path: Path, compressed: bool) -> Iterator[IO[bytes]]:
     gzip, or whose compressed data stops early, is an error naming it while it is read; ``skip_bad``
     does not skip it: the file is damaged, not one of its records."""
     try:
-        with (io.BufferedReader(gzip.open(path, "rb")) if compressed else open(path, "rb")) as raw:  # type: ignore[arg-type]
+        raw = io.BufferedReader(gzip.open(path, "rb")) if compressed else open(path, "rb")  # type: ignore[arg-type]
+        with raw:
             yield raw
     except gzip.BadGzipFile as err:
         if "Not a gzipped file" in str(err):
             with open(path, "rb") as handle:
                 start = handle.read(8)
-            raise ValueError(f"{path}: not gzip-compressed although its name ends in .gz (it starts with {start!r}); "
-                             "rename it without .gz") from None
+            raise ValueError(f"{path}: not gzip-compressed although its name ends in .gz (it starts with "
+                             f"{start!r}); rename it without .gz") from None
         raise ValueError(f"{path}: damaged gzip data ({err}): re-download or recompress it") from None
     except (EOFError, zlib.error):
         raise ValueError(f"{path}: the gzip stream stops before its end (a truncated file?): "

@@ -85,7 +85,9 @@ def parse_answer(value: Any, num_options: int, where: str, number_base: int = 0)
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.isdigit())
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and value.isdigit())
 
 
 def _number_base(path: Path, answers: list[Any], answer_base: int | None) -> int:
@@ -97,8 +99,9 @@ def _number_base(path: Path, answers: list[Any], answer_base: int | None) -> int
         return answer_base or 0
     if 0 in numbers:
         return 0
-    raise ValueError(f"{path}: answers are numbers and none is 0, so they may count from 1; say how they count "
-                     "with --answer-base 0 (the first option is 0) or --answer-base 1 (letters need neither)")
+    raise ValueError(f"{path}: answers are numbers and none is 0, so they may count from 1; say how they "
+                     "count with --answer-base 0 (the first option is 0) or --answer-base 1 (letters need "
+                     "neither)")
 
 
 def read_csv_questions(path: str | Path, subject: str | None = None, answer_base: int | None = None
@@ -161,7 +164,8 @@ def read_jsonl_questions(path: str | Path, answer_base: int | None = None) -> li
                 raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
             options = record.get("options", record.get("choices")) if isinstance(record, dict) else None
             if not isinstance(options, list) or len(options) < 2 or "question" not in record:
-                raise ValueError(f"{where}: needs an object with 'question' and a list of at least two 'options'")
+                raise ValueError(f"{where}: needs an object with 'question' and a list of at least two "
+                                 "'options'")
             records.append((line_no, record))
     base = _number_base(path, [record.get("answer") for _, record in records], answer_base)
     questions = []
@@ -214,7 +218,8 @@ def load_exam(path: str | Path, split: str = "val", subjects: list[str] | None =
             raise ValueError(f"{path}: no {split}/*_{split}.csv files (C-Eval layout: dev/ val/ test/ of "
                              f"{{subject}}_{{split}}.csv)")
         questions = _group(q for f in files for q in read_csv_questions(f, answer_base=answer_base))
-        dev = _group(q for f in _split_files(path, "dev") for q in read_csv_questions(f, answer_base=answer_base))
+        dev = _group(q for f in _split_files(path, "dev")
+                     for q in read_csv_questions(f, answer_base=answer_base))
         mapping_file = path / "subject_mapping.json"
         mapping = json.loads(mapping_file.read_text(encoding="utf-8")) if mapping_file.is_file() else {}
     elif path.is_file() and path.suffix == ".csv":
@@ -381,7 +386,8 @@ class McqConfig:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.num_shots < 0 or self.batch_size < 1:
-            raise ValueError(f"shots must be >= 0 and batch_size >= 1, got {self.num_shots} and {self.batch_size}")
+            raise ValueError(f"shots must be >= 0 and batch_size >= 1, got {self.num_shots} and "
+                             f"{self.batch_size}")
 
 
 def check_shots(exam: Exam, num_shots: int) -> None:
@@ -393,8 +399,8 @@ def check_shots(exam: Exam, num_shots: int) -> None:
     short = {s: n for s, n in available.items() if n < num_shots}
     if short:
         counts = ", ".join(f"{s} has {n}" for s, n in short.items())
-        raise ValueError(f"--shots {num_shots} needs {num_shots} answered dev questions per subject: {counts} "
-                         "(they come from dev/{subject}_dev.csv in a C-Eval folder)")
+        raise ValueError(f"--shots {num_shots} needs {num_shots} answered dev questions per subject: "
+                         f"{counts} (they come from dev/{{subject}}_dev.csv in a C-Eval folder)")
 
 
 def evaluate_mcq(model: torch.nn.Module, tokenizer: XiaoTokenizer, exam: Exam, cfg: McqConfig) -> dict[str, Any]:
