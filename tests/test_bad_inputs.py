@@ -229,6 +229,11 @@ def case_dpo_chosen_equals_rejected(folder):
         "all 1 preference pairs have the same chosen and rejected reply"
 
 
+def case_resume_below_the_checkpoint(folder):
+    return pretrain_args("--out-dir", "run", "--resume", "--max-steps", "1"), \
+        r"--max-steps 1 is below step 2 of run/checkpoints/step_000002: a resumed run cannot go back"
+
+
 def write_mcq(folder: Path, rows: str, header: str = "id,question,A,B,C,D,answer,explanation") -> Path:
     (folder / "exam").mkdir(exist_ok=True)
     path = folder / "exam" / "math_val.csv"
@@ -298,6 +303,7 @@ CASES = {
     "config.json not JSON": case_config_not_json,
     "config.json with a wrong type": case_config_wrong_type,
     "config.json edited after writing": case_edited_config_with_checksums,
+    "--resume --max-steps below the checkpoint": case_resume_below_the_checkpoint,
     "chat: non-UTF-8 bytes on stdin": case_chat_non_utf8_stdin,
     "dpo: every pair has chosen == rejected": case_dpo_chosen_equals_rejected,
     "mcq --shots 5 without a dev split": case_mcq_shots_without_dev_split,

@@ -319,14 +319,19 @@ class ResumePoint:
     unusable: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def step(self) -> int:
+        return int(self.checkpoint.name[len("step_"):]) if self.checkpoint is not None else 0
 
-def find_resume_point(run_dir: str | Path, resume: bool) -> ResumePoint:
+
+def find_resume_point(run_dir: str | Path, resume: bool, max_steps: int | None = None) -> ResumePoint:
     """Where a run in `run_dir` starts, changing nothing on disk (so it can be checked before any work).
 
     Without `resume`, a folder that holds checkpoints is refused. With it, the run continues from
     the newest complete checkpoint whose checksums verify, whatever `latest` says (a kill between a
     folder's rename and the update of `latest` leaves a newer complete folder); a folder without
-    checkpoints is a fresh start; one whose checkpoints are all unusable is refused, naming them."""
+    checkpoints is a fresh start; one whose checkpoints are all unusable is refused, naming them, and
+    so is a `max_steps` below the chosen checkpoint's step (a run cannot go back)."""
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     if not has_checkpoints(run_dir):
@@ -357,12 +362,15 @@ def find_resume_point(run_dir: str | Path, resume: bool) -> ResumePoint:
         point.notes.append(f"{latest_file} is missing")
     elif latest != chosen.name and not (root / latest).exists():
         point.notes.append(f"{latest_file} names {latest}, which does not exist")
-    elif latest != chosen.name and STEP_FOLDER.fullmatch(latest) and int(latest[5:]) < int(chosen.name[5:]):
+    elif latest != chosen.name and STEP_FOLDER.fullmatch(latest) and int(latest[5:]) < point.step:
         point.notes.append(f"{chosen.name} is complete but {latest_file} still named {latest}: the run was "
                            "stopped between the two")
     if not verify_checkpoint(chosen):
         point.notes.append(f"{chosen} has no {CHECKSUMS_FILE} (written before xiaolm recorded checksums): "
                            "unverified")
+    if max_steps is not None and max_steps < point.step:
+        raise ValueError(f"--max-steps {max_steps} is below step {point.step} of {chosen}: a resumed run "
+                         "cannot go back; pass a larger --max-steps, or another --out-dir for a new run")
     return point
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from xiaolm.config import CHAT_SAMPLING, ModelConfig, TrainConfig
+from xiaolm.train.signals import TrainingInterrupted
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -251,12 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # user errors: one clear line, no traceback
         print(f"xiaolm: error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:  # SIGINT / SIGTERM during training: checkpoint written
+        if stop.checkpoint is not None:  # the main process says it
+            print(f"xiaolm: {stop}", file=sys.stderr)
+        return stop.exit_code
     except OSError as error:  # the file system refused (full, read-only, no permission): one line as well
         if error.filename is None:
             raise
         print(f"xiaolm: error: {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # training handles its signals itself (train/loop.py); elsewhere there is nothing to save
+    except KeyboardInterrupt:  # training answers signals itself (train/signals.py); elsewhere nothing is saved
         print("\nxiaolm: interrupted", file=sys.stderr)
         return 130
 
@@ -329,20 +334,18 @@ def tokenizer_stats(tokenizer, texts) -> dict[str, float]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from xiaolm.checkpoint import find_resume_point
     from xiaolm.data.shards import tokenize_files
     from xiaolm.runtime import barrier, check_model_fits, setup_runtime, shutdown_distributed
     from xiaolm.tokenizer.bpe import load_tokenizer
+    from xiaolm.train.loop import check_run_folder
     from xiaolm.train.pretrain import pretrain
-    from xiaolm.utils import check_output_folder
 
     tokenizer = load_tokenizer(args.tokenizer)
     model_cfg = ModelConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size,
                                         **config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})))
     train_cfg = TrainConfig.from_preset(args.preset, **config_overrides(args, TrainConfig))
     out = Path(train_cfg.out_dir)
-    check_output_folder(out, "--out-dir")
-    find_resume_point(out, train_cfg.resume)  # a run folder it cannot start from is refused before tokenizing
+    check_run_folder(train_cfg)  # before tokenizing
     val = out / "tokens" / "val" if args.val_data else None
     # under torchrun one process per node tokenizes; the others wait for its shards
     runtime = setup_runtime(train_cfg.device, train_cfg.precision)
@@ -356,8 +359,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     barrier(ctx)
     result = pretrain(model_cfg, train_cfg, tokenizer, out / "tokens" / "train", val, runtime=runtime)
     if ctx.is_main:
-        print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
-              f"checkpoint {result.checkpoint}")
+        if result.steps > result.start_step:  # else the loop said there was nothing to train
+            print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
+                  f"checkpoint {result.checkpoint}")
         from xiaolm.eval.report import render_report
 
         print(f"report card: {render_report(out)}")  # every run leaves its curves and evals in its folder
@@ -466,7 +470,9 @@ def _finish_alignment_run(result, args: argparse.Namespace) -> None:
     """Summary line and the run's report card, as every training command leaves."""
     from xiaolm.eval.report import render_report
 
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s; {result.last_eval}; checkpoint {result.checkpoint}")
+    if result.steps > result.start_step:  # else the loop said there was nothing to train
+        print(f"trained {result.steps} steps in {result.seconds:.0f} s; {result.last_eval}; "
+              f"checkpoint {result.checkpoint}")
     print(f"report card: {render_report(_alignment_train_config(args).out_dir)}")
 
 

@@ -53,7 +53,7 @@ from xiaolm.runtime import (
     setup_runtime,
 )
 from xiaolm.tokenizer.bpe import XiaoTokenizer
-from xiaolm.train.loop import Batch, Stage, TrainResult, train
+from xiaolm.train.loop import Batch, Stage, TrainResult, check_run_folder, train
 from xiaolm.train.stages import add_aux_loss, masked_forward, next_token_loss
 
 # --------------------------------------------------------------------------- SFT
@@ -439,6 +439,7 @@ def run_sft(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
             val_data: Sequence[str | Path] | None = None, fmt: str = "auto", pack: bool = True,
             truncate: str = "turns", val_fraction: float = 0.05, skip_bad: bool = False, lora=None,
             stop_after_steps: int | None = None) -> TrainResult:
+    check_run_folder(cfg)
     start = load_model(from_checkpoint)
     model, tokenizer = start.model, start.tokenizer
     cfg = fit_seq_len(cfg, model)
@@ -463,6 +464,7 @@ def run_dpo(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
             stop_after_steps: int | None = None) -> TrainResult:
     """DPO from `from_checkpoint`; the reference is `reference_checkpoint` or the starting model."""
     check_dpo_settings(beta)
+    check_run_folder(cfg)
     start = load_model(from_checkpoint)
     model, tokenizer = start.model, start.tokenizer
     cfg = fit_seq_len(cfg, model)
@@ -508,6 +510,7 @@ def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Seque
     from xiaolm.config import MODEL_PRESETS, ModelConfig
 
     check_distill_settings(temperature, alpha)
+    check_run_folder(cfg)
     loaded = load_model(teacher_checkpoint)
     teacher, tokenizer = loaded.model, loaded.tokenizer
     if Path(student).exists():
