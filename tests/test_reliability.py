@@ -70,7 +70,7 @@ def test_a_checkpoint_without_checksums_loads_with_a_note(tmp_path, tokenizer, c
 
 def test_exported_and_merged_folders_are_checksummed(tmp_path, tokenizer):
     checkpoint = make_checkpoint(tmp_path / "ckpt", tokenizer)
-    from xiaolm.hf import export_hf
+    from xiaolm.interop.hf_export import export_hf
 
     out = export_hf(checkpoint, tmp_path / "hf")
     listed = json.loads((out / "checksums.json").read_text())["files"]
