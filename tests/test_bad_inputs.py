@@ -9,7 +9,6 @@ disturb another; the shared inputs (tokenizer, a tiny trained run, data files) a
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SAMPLE, sample_texts, tiny_model_config, tiny_train_config
+from disk_helpers import read_only_folder, small_disk
 
 TINY = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--num-kv-heads", "2",
         "--max-seq-len", "64", "--seq-len", "32", "--batch-size", "4", "--eval-every", "2",
@@ -343,33 +343,10 @@ def test_eval_takes_a_folder_written_by_export_hf(assets, tmp_path):
 # --------------------------------------------------------------------------- disks that refuse
 
 
-def can_mount() -> bool:
-    return os.geteuid() == 0 and shutil.which("mount") is not None
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str):
-    """A real tmpfs mounted at `path` (root only), unmounted afterwards."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def test_read_only_out_dir(assets, tmp_path):
     folder = tmp_path / "case"
     shutil.copytree(assets, folder)
-    with contextlib.ExitStack() as stack:
-        if can_mount():  # root writes through chmod: a read-only mount refuses everyone
-            stack.enter_context(tmpfs(folder / "ro", "ro,size=1m"))
-        else:
-            (folder / "ro").mkdir()
-            (folder / "ro").chmod(0o555)
-            stack.callback((folder / "ro").chmod, 0o755)
+    with read_only_folder(folder / "ro"):
         before = snapshot(folder)
         assert_refused(xiaolm(pretrain_args("--out-dir", "ro/run"), folder),
                        r"--out-dir ro/run: cannot write in ro \((Read-only file system|Permission denied)\)")
@@ -383,38 +360,15 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(assets, tmp_path)
     folder = tmp_path / "case"
     shutil.copytree(assets, folder)
     args = pretrain_args("--out-dir", "disk/run")
-    with contextlib.ExitStack() as stack:
-        limit = None
-        if can_mount():
-            stack.enter_context(tmpfs(folder / "disk", "size=4m"))
-        else:  # without root: a file-size limit makes the weights file's write fail for real
-            import resource
-
-            limit = 64 * 1024
-            (folder / "disk").mkdir()
+    with small_disk(folder / "disk") as disk:
         assert xiaolm(args, folder).returncode == 0  # step 2 saved
         checkpoints = folder / "disk" / "run" / "checkpoints"
         before = snapshot(checkpoints)
-        if limit is None:  # fill the disk, leaving room for the small files a resumed run appends to
-            filler = folder / "disk" / "filler"
-            with open(filler, "wb") as handle:
-                with contextlib.suppress(OSError):
-                    while True:
-                        handle.write(b"\0" * 65536)
-                        handle.flush()
-            os.truncate(filler, max(0, filler.stat().st_size - 128 * 1024))
-            pattern = r"cannot write checkpoint step_000004 .*: no space left on the disk: a checkpoint "
-        else:
-            pattern = r"cannot write checkpoint step_000004 .*File too large"
-        def limit_file_size():
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-        result = xiaolm([*args, "--resume", "--max-steps", "4"], folder,
-                        preexec_fn=None if limit is None else limit_file_size)
-        intact = r".*the last good checkpoint, disk/run/checkpoints/step_000002, is intact"
-        line = assert_refused(result, pattern + intact)
+        disk.fill()
+        result = xiaolm([*args, "--resume", "--max-steps", "4"], folder, preexec_fn=disk.preexec_fn)
+        line = assert_refused(result, rf"cannot write checkpoint step_000004 .*{disk.error}.*the last good "
+                                      r"checkpoint, disk/run/checkpoints/step_000002, is intact")
         assert snapshot(checkpoints) == before, line  # no half-written folder, latest unchanged
-        if limit is None:
-            filler.unlink()
+        disk.free()
         assert xiaolm([*args, "--resume", "--max-steps", "4"], folder).returncode == 0
         assert (checkpoints / "latest").read_text().strip() == "step_000004"

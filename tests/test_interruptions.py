@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import sample_texts
+from disk_helpers import small_disk
 
 TINY = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--num-kv-heads", "2",
         "--max-seq-len", "64", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "2", "--log-every", "1",
@@ -174,6 +176,27 @@ def test_under_torchrun_every_rank_stops_at_the_same_step(data, tokenizer_dir, t
     assert 3 <= step < 400 and last_step(run) == step, err.decode()[-3000:]
     assert f"stopped by SIGTERM after step {step}" in err.decode()
     assert "exitcode  : 143" in err.decode() or "exit code 143" in err.decode() or "143" in err.decode()
+
+
+@pytest.mark.slow
+def test_a_failed_checkpoint_write_fails_every_rank(data, tokenizer_dir, tmp_path):
+    """Under torchrun, rank 0 alone writes checkpoints: when that fails (a full disk here), every
+    rank stops with an error at once instead of waiting for rank 0 in the next collective."""
+    with small_disk(tmp_path / "disk") as disk:
+        command = pretrain_command(data, tokenizer_dir, disk.path / "run", "--save-every", "2", "--eval-every", "0",
+                                   "--batch-size", "2", nproc=2)
+        first = subprocess.run([*command, "--max-steps", "2"], cwd=tmp_path, capture_output=True, timeout=300)
+        assert first.returncode == 0, first.stderr.decode()[-2000:]
+        disk.fill()
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        second = subprocess.run([*command, "--max-steps", "4", "--resume"], cwd=tmp_path, capture_output=True,
+                                timeout=300, env=env, preexec_fn=disk.preexec_fn)
+        err = second.stderr.decode()
+        # torchrun reports its failed workers with a traceback of its own; none comes from xiaolm
+        assert second.returncode != 0 and not re.search(r'File "[^"]*/xiaolm/[^"]*"', err), err[-3000:]
+        assert re.search(rf"xiaolm: error: cannot write checkpoint step_000004 .*{disk.error}", err), err[-3000:]
+        assert "xiaolm: error: the main process could not write the checkpoint" in err
+        assert checkpoint_step(disk.path / "run") == 2
 
 
 @pytest.mark.slow

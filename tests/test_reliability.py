@@ -171,7 +171,7 @@ def test_parameter_count_from_the_config_matches_the_model(name):
     config = ModelConfig.from_preset(name, vocab_size=300, hidden_size=64, num_heads=4, num_kv_heads=2,
                                      **({"moe_intermediate_size": 32} if "moe" in name else {}))
     assert config.num_parameters() == Transformer(config).num_parameters()
-    for variant in (dict(tie_embeddings=False), dict(qk_norm=True)):
+    for variant in (dict(tie_embeddings=False), dict(qk_norm=True), dict(qkv_bias=True), dict(head_dim=32)):
         config = ModelConfig.from_preset(name, vocab_size=300, hidden_size=64, num_heads=4, num_kv_heads=2,
                                          **variant)
         assert config.num_parameters() == Transformer(config).num_parameters()
