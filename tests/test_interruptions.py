@@ -22,8 +22,8 @@ from conftest import sample_texts
 from disk_helpers import small_disk
 
 TINY = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--num-kv-heads", "2",
-        "--max-seq-len", "64", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "2", "--log-every", "1",
-        "--warmup-steps", "2", "--lr", "3e-3", "--device", "cpu", "--no-progress"]
+        "--max-seq-len", "64", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "2",
+        "--log-every", "1", "--warmup-steps", "2", "--lr", "3e-3", "--device", "cpu", "--no-progress"]
 TIMING = ("tok_per_s", "elapsed_s")
 
 
@@ -41,8 +41,8 @@ def pretrain_command(data: Path, tokenizer_dir: Path, out: Path, *extra: str, np
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc else [sys.executable])
     return [*launcher, "-m", "xiaolm.cli", "pretrain", "--data", str(data / "train.jsonl"),
-            "--val-data", str(data / "val.jsonl"), "--tokenizer", str(tokenizer_dir), *TINY, "--out-dir", str(out),
-            *extra]
+            "--val-data", str(data / "val.jsonl"), "--tokenizer", str(tokenizer_dir), *TINY,
+            "--out-dir", str(out), *extra]
 
 
 def start(command: list[str], cwd: Path) -> subprocess.Popen:
@@ -183,8 +183,8 @@ def test_a_failed_checkpoint_write_fails_every_rank(data, tokenizer_dir, tmp_pat
     """Under torchrun, rank 0 alone writes checkpoints: when that fails (a full disk here), every
     rank stops with an error at once instead of waiting for rank 0 in the next collective."""
     with small_disk(tmp_path / "disk") as disk:
-        command = pretrain_command(data, tokenizer_dir, disk.path / "run", "--save-every", "2", "--eval-every", "0",
-                                   "--batch-size", "2", nproc=2)
+        command = pretrain_command(data, tokenizer_dir, disk.path / "run", "--save-every", "2",
+                                   "--eval-every", "0", "--batch-size", "2", nproc=2)
         first = subprocess.run([*command, "--max-steps", "2"], cwd=tmp_path, capture_output=True, timeout=300)
         assert first.returncode == 0, first.stderr.decode()[-2000:]
         disk.fill()
@@ -194,7 +194,8 @@ def test_a_failed_checkpoint_write_fails_every_rank(data, tokenizer_dir, tmp_pat
         err = second.stderr.decode()
         # torchrun reports its failed workers with a traceback of its own; none comes from xiaolm
         assert second.returncode != 0 and not re.search(r'File "[^"]*/xiaolm/[^"]*"', err), err[-3000:]
-        assert re.search(rf"xiaolm: error: cannot write checkpoint step_000004 .*{disk.error}", err), err[-3000:]
+        written = rf"xiaolm: error: cannot write checkpoint step_000004 .*{disk.error}"
+        assert re.search(written, err), err[-3000:]
         assert "xiaolm: error: the main process could not write the checkpoint" in err
         assert checkpoint_step(disk.path / "run") == 2
 

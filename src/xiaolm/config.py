@@ -178,9 +178,11 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Parameters of the model this config builds (a tied embedding counted once), from the
         shapes alone: to size a model before allocating it (tested equal to the built model's)."""
-        hidden, q_width, kv_width = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        hidden = self.hidden_size
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attention = 2 * hidden * q_width + 2 * hidden * kv_width
-        attention += (q_width + 2 * kv_width if self.qkv_bias else 0) + (2 * self.head_dim if self.qk_norm else 0)
+        attention += q_width + 2 * kv_width if self.qkv_bias else 0
+        attention += 2 * self.head_dim if self.qk_norm else 0
         dense = 3 * hidden * self.intermediate_size
         moe = (hidden * self.num_experts + 3 * hidden * self.moe_intermediate_size
                * (self.num_experts + self.num_shared_experts))

@@ -196,7 +196,8 @@ class XiaoTokenizer:
             config["eos_token"] = eos_token
         config.update({ROLE_KEYS["document_end"]: self.document_end, ROLE_KEYS["end_of_turn"]: self.end_of_turn,
                        ROLE_KEYS["stop"]: self.stop_tokens, ROLE_KEYS["add_bos"]: self.add_bos})
-        _write_whole(directory / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        _write_whole(directory / TOKENIZER_CONFIG_FILE, text)
 
     @classmethod
     def from_hf_files(cls, tokenizer: Tokenizer, config: dict[str, Any], chat_template: str | None = None,

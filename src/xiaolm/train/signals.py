@@ -37,7 +37,8 @@ class TrainingInterrupted(Exception):
         if saved_now:
             message = f"{stopped}; checkpoint {checkpoint} written (continue with --resume)"
         else:  # a non-finite step is never saved
-            message = f"{stopped}, a step with a non-finite loss: not saved; the last checkpoint is {checkpoint}"
+            message = (f"{stopped}, a step with a non-finite loss: not saved; the last checkpoint is "
+                       f"{checkpoint}")
         super().__init__(message)
 
 
