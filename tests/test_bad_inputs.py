@@ -291,6 +291,7 @@ CASES = {
         ["export", "hf", "--ckpt", "run", "--out", "hf"]),
     "truncated model.safetensors: eval": case_truncated_weights(
         ["eval", "ppl", "--ckpt", "run", "--data", "train.jsonl"]),
+    "truncated model.safetensors: serve": case_truncated_weights(["serve", "--ckpt", "run", "--port", "0"]),
     "truncated model.safetensors: resume": case_truncated_weights(
         pretrain_args("--out-dir", "run", "--resume", "--max-steps", "4")),
     "4 KB of flipped weight bytes: generate": case_flipped_weight_bytes(
