@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from xiaolm.checkpoint import load_model, write_model_folder
+from xiaolm.checkpoint import load_model, write_checksums, write_model_folder
 from xiaolm.cli import main
 from xiaolm.config import to_dict
 from xiaolm.data.chat_tokens import tokenize_conversation
@@ -218,6 +218,7 @@ def test_exported_eos_is_the_models_end_token(tmp_path, tokenizer):
     chat = make_checkpoint(tmp_path / "chat", tokenizer)
     configs = json.loads((chat / "config.json").read_text())
     (chat / "config.json").write_text(json.dumps({**configs, "sft": {"from": "base"}}))
+    write_checksums(chat)  # the edit stands for what an SFT run writes
     for checkpoint, eos in ((base, "<|endoftext|>"), (chat, "<|im_end|>")):
         out = export_hf(checkpoint, tmp_path / f"hf-{checkpoint.name}")
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
@@ -337,6 +338,7 @@ def test_head_dim_and_bias_defaults_keep_old_checkpoints(tmp_path, tokenizer):
     for field in ("head_dim", "qkv_bias", "rope_scaling", "rope_scaling_factor"):
         configs["model"].pop(field)
     (checkpoint / "config.json").write_text(json.dumps(configs))
+    (checkpoint / "checksums.json").unlink()  # such a checkpoint predates checksums too
     loaded = load_model(checkpoint)
     assert loaded.config.head_dim == 16 and not loaded.config.qkv_bias
     assert to_dict(loaded.config) == to_dict(Transformer(tiny_model_config(vocab_size=tokenizer.vocab_size)).config)
