@@ -46,6 +46,7 @@ from xiaolm.runtime import (
     barrier,
     choose_training_precision,
     matmul_peak,
+    raise_matmul_peak,
     run_info,
     seed_everything,
     setup_runtime,
@@ -227,7 +228,7 @@ class RunLog:
     def __init__(self, run_dir: Path, cfg: TrainConfig, stage_name: str, start_step: int, is_main: bool,
                  configs: dict, model: nn.Module, runtime: Runtime) -> None:
         self.enabled = is_main
-        self.device = runtime.device
+        self.device, self.precision, self.world_size = runtime.device, runtime.precision, runtime.ctx.world_size
         self.path = run_dir / "metrics.jsonl"
         self.tensorboard = None
         self.wandb = None
@@ -294,7 +295,11 @@ class RunLog:
         tok_per_s = self.num_window_tokens / elapsed if elapsed > 0 else 0.0
         extra = dict(extra)
         if self.peak_flops:
-            extra["mfu"] = self.flops_per_token * tok_per_s / self.peak_flops
+            achieved = self.flops_per_token * tok_per_s
+            if achieved > self.peak_flops:  # the cached peak was measured under load: raise it
+                self.peak_flops = raise_matmul_peak(self.device, self.precision, achieved / self.world_size)
+                self.peak_flops *= self.world_size
+            extra["mfu"] = achieved / self.peak_flops
         if self.device.type == "cuda":
             extra["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         self.write({"step": state.step, "loss": metrics.loss, "lr": metrics.lr,
