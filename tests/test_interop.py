@@ -225,7 +225,8 @@ def test_exported_eos_is_the_models_end_token(tmp_path, tokenizer):
         assert hf_tokenizer.eos_token == eos and hf_tokenizer.pad_token == "<|endoftext|>"
         assert hf_tokenizer.bos_token is None and hf_tokenizer("a")["input_ids"] == tokenizer.encode("a")
         generation = transformers.GenerationConfig.from_pretrained(str(out))
-        assert sorted(generation.eos_token_id) == [0, 2] and generation.eos_token_id[0] == tokenizer.tokenizer.token_to_id(eos)
+        assert sorted(generation.eos_token_id) == [0, 2]
+        assert generation.eos_token_id[0] == tokenizer.tokenizer.token_to_id(eos)
         config = transformers.AutoConfig.from_pretrained(str(out))
         assert config.max_position_embeddings == 64 and config.tie_word_embeddings
         rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}
@@ -307,7 +308,8 @@ def test_every_stage_takes_the_transformers_folder(command, llama3_folder, tmp_p
     assert main(argv[command]) == 0
     if command in ("sft", "lora", "dpo", "distill"):
         trained = load_model(out)
-        assert trained.tokenizer.add_bos and trained.tokenizer.decode([trained.tokenizer.end_of_turn_id]) == "<|eot_id|>"
+        assert trained.tokenizer.add_bos
+        assert trained.tokenizer.decode([trained.tokenizer.end_of_turn_id]) == "<|eot_id|>"
         if command == "sft":  # and exports as the architecture it came from
             assert main(["export", "hf", "--ckpt", out, "--out", str(tmp_path / "hf")]) == 0
             assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama"
