@@ -33,7 +33,8 @@ def run(command: list[str], log: Path, timeout: float) -> tuple[int, float]:
     start = time.perf_counter()
     with open(log, "w") as handle:
         try:
-            code = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            code = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             code = 124
     seconds = time.perf_counter() - start

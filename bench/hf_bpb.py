@@ -32,7 +32,8 @@ SAMPLE = ROOT / "data" / "sample"
 def train_small(out: Path, steps: int) -> Path:
     from xiaolm.cli import main
 
-    main(["tokenizer", "train", "--data", str(SAMPLE / "train.jsonl"), "--out", str(out / "tok"), "--vocab-size", "2000"])
+    main(["tokenizer", "train", "--data", str(SAMPLE / "train.jsonl"), "--out", str(out / "tok"),
+          "--vocab-size", "2000"])
     main(["pretrain", "--data", str(SAMPLE / "train.jsonl"), "--tokenizer", str(out / "tok"), "--preset", "tiny",
           "--hidden-size", "128", "--num-layers", "2", "--max-seq-len", "128", "--seq-len", "128",
           "--max-steps", str(steps), "--eval-every", "0", "--save-every", "0", "--no-progress",

@@ -107,7 +107,8 @@ def main() -> None:
     for contender in contenders:
         pace = sorted(contender.step_times[1:])[len(contender.step_times[1:]) // 2]
         max_steps = max(PACE_STEPS + 1, int(budget / pace))
-        contender.cfg = replace(contender.cfg, max_steps=max_steps, warmup_steps=min(base.warmup_steps, max_steps // 10))
+        contender.cfg = replace(contender.cfg, max_steps=max_steps,
+                                warmup_steps=min(base.warmup_steps, max_steps // 10))
     while any(c.seconds < budget and c.state.step < c.cfg.max_steps for c in contenders):
         for contender in contenders:
             if contender.seconds < budget and contender.state.step < contender.cfg.max_steps:
@@ -125,7 +126,8 @@ def main() -> None:
     table = markdown_table(["contender", "steps", "schedule", "seconds", "median step s", "train loss (last 10)",
                             "val loss", "val bits/byte"], rows)
     notes = [f"Preset {args.preset}, fp32, batch {base.batch_size} x {base.seq_len}; budget {args.minutes} min each, "
-             f"steps interleaved one for one; validation on {base.num_eval_batches} x {base.batch_size} held-out windows."]
+             f"steps interleaved one for one; validation on {base.num_eval_batches} x {base.batch_size} "
+             "held-out windows."]
     if any(not math.isfinite(c.losses[-1]) for c in contenders):
         notes.append("A contender diverged (non-finite loss).")
     print_report("AdamW vs Muon at equal wall-clock (speedrun pretraining)", args.threads, table, notes)

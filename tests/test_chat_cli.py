@@ -21,7 +21,8 @@ def test_history_is_trimmed_oldest_turn_first(tokenizer):
     assert len(ids) <= 128 - 16 and 0 < session.num_dropped_turns < 6
     assert session.history[-1]["content"] == "a5 " * 3  # the newest turns stay
     text = tokenizer.decode(ids)
-    assert text.startswith("<|im_start|>system\nsys") and text.endswith("new question<|im_end|>\n<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\nsys")
+    assert text.endswith("new question<|im_end|>\n<|im_start|>assistant\n")
     pieces = list(session.reply("new question"))
     assert session.history[-2] == {"role": "user", "content": "new question"}
     assert session.history[-1]["content"] == ("".join(pieces) or " ")
@@ -45,7 +46,8 @@ def test_session_records_how_a_reply_ended(tokenizer):
         model.norm.weight[0] = 1.0
         model.lm_head.weight.zero_()
         model.lm_head.weight[tokenizer.end_of_turn_id, 0] = 1.0
-    assert "".join(session.reply("hi")) == "" and session.last_stop_id == tokenizer.end_of_turn_id and session.last_stopped
+    assert "".join(session.reply("hi")) == ""
+    assert session.last_stop_id == tokenizer.end_of_turn_id and session.last_stopped
     with torch.no_grad():
         model.lm_head.weight.zero_()  # all logits equal: greedy takes id 0, <|endoftext|>
     list(session.reply("hi"))

@@ -39,7 +39,8 @@ def test_all_formats_give_the_same_messages():
 @pytest.mark.parametrize("record, reason", [
     ({"conversations": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]}, "'role' is missing"),
     ({"conversations": [{"role": "user", "content": " "}, {"role": "assistant", "content": "yo"}]}, "content is empty"),
-    ({"conversations": [{"role": "assistant", "content": "yo"}, {"role": "user", "content": "hi"}]}, "turn 1 is 'assistant'"),
+    ({"conversations": [{"role": "assistant", "content": "yo"}, {"role": "user", "content": "hi"}]},
+     "turn 1 is 'assistant'"),
     ({"conversations": [{"role": "user", "content": "hi"}]}, "ends with a 'user' turn"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, "turn 2 is 'system'"),
 ])

@@ -118,7 +118,7 @@ def test_jsonl_questions_and_bad_answers(tmp_path):
     good = tmp_path / "q.jsonl"
     good.write_text('{"question": "q1", "options": ["a", "b", "c"], "answer": 2}\n'
                     '{"question": "q2", "choices": ["a", "b"], "answer": "b", "subject": "x"}\n')
-    exam = load_exam(good)
+    exam = load_exam(good, answer_base=0)
     assert exam.questions["q"][0].answer == 2 and exam.questions["x"][0].answer == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q1", "options": ["a", "b"], "answer": "C"}\n')

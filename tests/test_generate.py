@@ -11,7 +11,8 @@ def test_streamer_never_splits_or_drops_characters(tokenizer):
     text = "三国演义：滚滚长江东逝水，浪花淘尽英雄。🙂 emoji and English, ünïcödé."
     ids = tokenizer.encode(text)
     # a byte-level tokenizer this small splits multi-byte characters across tokens
-    assert any(not tokenizer.token_bytes()[i].decode("utf-8", errors="ignore") for i in ids) or len(ids) > len(text) // 2
+    assert (any(not tokenizer.token_bytes()[i].decode("utf-8", errors="ignore") for i in ids)
+            or len(ids) > len(text) // 2)
     streamer = TextStreamer(tokenizer.token_bytes())
     pieces = [streamer.push(i) for i in ids] + [streamer.flush()]
     assert "".join(pieces) == text

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from xiaolm.checkpoint import load_model, write_model_folder
+from xiaolm.checkpoint import load_model, write_checksums, write_model_folder
 from xiaolm.cli import main
 from xiaolm.config import to_dict
 from xiaolm.data.chat_tokens import tokenize_conversation
@@ -218,13 +218,15 @@ def test_exported_eos_is_the_models_end_token(tmp_path, tokenizer):
     chat = make_checkpoint(tmp_path / "chat", tokenizer)
     configs = json.loads((chat / "config.json").read_text())
     (chat / "config.json").write_text(json.dumps({**configs, "sft": {"from": "base"}}))
+    write_checksums(chat)  # the edit stands for what an SFT run writes
     for checkpoint, eos in ((base, "<|endoftext|>"), (chat, "<|im_end|>")):
         out = export_hf(checkpoint, tmp_path / f"hf-{checkpoint.name}")
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
         assert hf_tokenizer.eos_token == eos and hf_tokenizer.pad_token == "<|endoftext|>"
         assert hf_tokenizer.bos_token is None and hf_tokenizer("a")["input_ids"] == tokenizer.encode("a")
         generation = transformers.GenerationConfig.from_pretrained(str(out))
-        assert sorted(generation.eos_token_id) == [0, 2] and generation.eos_token_id[0] == tokenizer.tokenizer.token_to_id(eos)
+        assert sorted(generation.eos_token_id) == [0, 2]
+        assert generation.eos_token_id[0] == tokenizer.tokenizer.token_to_id(eos)
         config = transformers.AutoConfig.from_pretrained(str(out))
         assert config.max_position_embeddings == 64 and config.tie_word_embeddings
         rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}
@@ -306,7 +308,8 @@ def test_every_stage_takes_the_transformers_folder(command, llama3_folder, tmp_p
     assert main(argv[command]) == 0
     if command in ("sft", "lora", "dpo", "distill"):
         trained = load_model(out)
-        assert trained.tokenizer.add_bos and trained.tokenizer.decode([trained.tokenizer.end_of_turn_id]) == "<|eot_id|>"
+        assert trained.tokenizer.add_bos
+        assert trained.tokenizer.decode([trained.tokenizer.end_of_turn_id]) == "<|eot_id|>"
         if command == "sft":  # and exports as the architecture it came from
             assert main(["export", "hf", "--ckpt", out, "--out", str(tmp_path / "hf")]) == 0
             assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama"
@@ -337,6 +340,7 @@ def test_head_dim_and_bias_defaults_keep_old_checkpoints(tmp_path, tokenizer):
     for field in ("head_dim", "qkv_bias", "rope_scaling", "rope_scaling_factor"):
         configs["model"].pop(field)
     (checkpoint / "config.json").write_text(json.dumps(configs))
+    (checkpoint / "checksums.json").unlink()  # such a checkpoint predates checksums too
     loaded = load_model(checkpoint)
     assert loaded.config.head_dim == 16 and not loaded.config.qkv_bias
     assert to_dict(loaded.config) == to_dict(Transformer(tiny_model_config(vocab_size=tokenizer.vocab_size)).config)

@@ -22,7 +22,8 @@ def test_merged_model_equals_adapter_model(tokenizer):
     peft_model = apply_lora(model, LoraConfig(rank=4, alpha=8))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
-    assert {n.split(".")[-4] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {n.split(".")[-4] for n in names} == targets
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:  # B starts at zero; make the adapters do something

@@ -91,11 +91,13 @@ def test_completions_streamed_and_whole(served, client):
     tokenizer = served.server.tokenizer
     text, _ = alone(served, tokenizer.encode("三国时期，"), SamplingConfig(max_new_tokens=16, temperature=0))
     assert whole.choices[0].text == text
-    chunks = list(client.completions.create(model="tiny", prompt="三国时期，", max_tokens=16, temperature=0, stream=True))
+    chunks = list(client.completions.create(model="tiny", prompt="三国时期，", max_tokens=16, temperature=0,
+                                            stream=True))
     assert all(c.object == "text_completion" for c in chunks)
     assert "".join(c.choices[0].text for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
-    by_ids = client.completions.create(model="tiny", prompt=tokenizer.encode("三国时期，"), max_tokens=16, temperature=0)
+    by_ids = client.completions.create(model="tiny", prompt=tokenizer.encode("三国时期，"), max_tokens=16,
+                                       temperature=0)
     assert by_ids.choices[0].text == text
 
 
@@ -193,7 +195,8 @@ def test_malformed_and_oversized_bodies_and_unknown_routes(served, client):
     bad_json = httpx.post(served.url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [',
                           headers={"content-type": "application/json"})
     assert bad_json.status_code == 400 and "JSON" in error_of(bad_json)["message"]
-    huge = httpx.post(served.url + "/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "pad": "x" * 30_000})
+    huge = httpx.post(served.url + "/v1/chat/completions",
+                      json={"model": "tiny", "messages": CHAT, "pad": "x" * 30_000})
     assert huge.status_code == 413 and error_of(huge)["code"] == "body_too_large"
 
     def chunked():

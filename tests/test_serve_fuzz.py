@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-schemathesis = pytest.importorskip("schemathesis", reason="the API fuzzing needs schemathesis: pip install 'xiaolm[dev]'")
+schemathesis = pytest.importorskip("schemathesis",
+                                   reason="the API fuzzing needs schemathesis: pip install 'xiaolm[dev]'")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 

@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium: pip install 'xiaolm[dev]'")
+webdriver = pytest.importorskip("selenium.webdriver",
+                                reason="the browser test needs selenium: pip install 'xiaolm[dev]'")
 httpx = pytest.importorskip("httpx")
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
@@ -142,7 +143,8 @@ def test_model_output_is_rendered_as_text_never_as_html(page):
         renderMarkdown(node, '<img src=x onerror="window.injected=1"> **粗体** and `code`\\n\\n- 一\\n- 二\\n\\n'
                              + '```python\\nprint("<b>hi</b>")\\n```\\n三国');
         document.body.appendChild(node);
-        return {html: node.innerHTML, img: node.querySelectorAll('img').length, strong: node.querySelector('strong').textContent,
+        return {html: node.innerHTML, img: node.querySelectorAll('img').length,
+                strong: node.querySelector('strong').textContent,
                 items: node.querySelectorAll('li').length, code: node.querySelector('pre code').textContent,
                 injected: window.injected === 1};""")
     assert rendered["img"] == 0 and not rendered["injected"] and "&lt;img" in rendered["html"]

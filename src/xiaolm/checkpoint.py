@@ -9,24 +9,35 @@ Layout of `RUN/checkpoints/step_000100/`:
   sharded/            instead of model.safetensors, in a run with --fsdp: weights and optimizer state as
                       torch.distributed.checkpoint shards (train/fsdp.py); `consolidate_checkpoint`
                       writes the plain folder
+  checksums.json      size and sha256 of every other file, recorded when the folder is written
 `RUN/checkpoints/latest` names the newest complete checkpoint; it is replaced atomically only
 after the folder is complete, so a kill at any moment leaves the last good checkpoint in place.
+Every load verifies the checksums (`verify_checkpoint`): a truncated or modified file is an error
+naming it, and `--resume` falls back to the newest checkpoint that verifies (`find_resume_point`).
+`training_state.pt` is read with `torch.load(weights_only=True)`: a checkpoint from someone else
+cannot run code.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xiaolm.config import LoraConfig, ModelConfig, from_dict
@@ -36,8 +47,21 @@ from xiaolm.tokenizer.bpe import XiaoTokenizer, load_tokenizer
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "training_state.pt"
+CHECKSUMS_FILE = "checksums.json"
 LATEST_FILE = "latest"
 SHARDED_DIR = "sharded"
+STEP_FOLDER = re.compile(r"step_(\d+)")
+# what torch.load(weights_only=True) must be allowed to rebuild in a training state: numpy's random
+# state holds an array (python's is a tuple, torch's a tensor: allowed anyway); numpy 1 and 2 name
+# the array constructor differently
+_reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+STATE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                 (_reconstruct, "numpy.core.multiarray._reconstruct"),
+                 (_reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated, unreadable or changed since it was written."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,9 +92,9 @@ def write_model_folder(
     training_state: dict[str, Any] | None = None,
     sharded_weights: Path | None = None,
 ) -> None:
-    """Write every file of a checkpoint into `directory` (which must not exist yet). With
-    `sharded_weights` (a folder of DCP shards already written by every process) the weights are
-    that folder, moved in, instead of model.safetensors."""
+    """Write every file of a checkpoint into `directory` (which must not exist yet), checksums last.
+    With `sharded_weights` (a folder of DCP shards already written by every process) the weights
+    are that folder, moved in, instead of model.safetensors."""
     directory.mkdir(parents=True)
     if sharded_weights is not None:
         os.replace(sharded_weights, directory / SHARDED_DIR)
@@ -80,6 +104,7 @@ def write_model_folder(
     tokenizer.save(directory)
     if training_state is not None:
         torch.save(training_state, directory / STATE_FILE)
+    write_checksums(directory)
     for f in [*directory.iterdir(), *(directory / SHARDED_DIR).glob("*")]:
         if f.is_file():
             with open(f, "rb") as handle:
@@ -89,7 +114,8 @@ def write_model_folder(
 
 def write_new_folder(out: str | Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` creates and fills a sibling folder that is then renamed to `out`, which must not
-    exist yet: an interrupted write leaves no half-written folder where a complete one is expected."""
+    exist yet: an interrupted write leaves no half-written folder where a complete one is expected.
+    The folder's checksums are recorded before the rename, so loading it later verifies it."""
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists; choose a new folder")
@@ -98,11 +124,85 @@ def write_new_folder(out: str | Path, write: Callable[[Path], None]) -> Path:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         write(tmp)
+        if not (tmp / CHECKSUMS_FILE).is_file():  # write_model_folder records them itself
+            write_checksums(tmp)
         os.replace(tmp, out)
         _fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path, new_files_only: bool = False) -> None:
+    """Record the size and sha256 of every file under `directory` in checksums.json (replaced
+    atomically); `new_files_only`: keep what it lists and add the files it does not list yet."""
+    path = directory / CHECKSUMS_FILE
+    files = _read_checksums(path) if new_files_only and path.is_file() else {}
+    for file in sorted(directory.rglob("*")):
+        name = str(file.relative_to(directory))
+        if file.is_file() and CHECKSUMS_FILE not in file.name and name not in files:
+            files[name] = {"size": file.stat().st_size, "sha256": file_sha256(file)}
+    tmp = path.with_name(f".{CHECKSUMS_FILE}.tmp")
+    tmp.write_text(json.dumps({"algorithm": "sha256", "files": dict(sorted(files.items()))}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_checksums(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        files = json.loads(path.read_text())["files"]
+        if not all(isinstance(v["size"], int) and isinstance(v["sha256"], str) for v in files.values()):
+            raise TypeError("an entry lacks its size or sha256")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path}: unreadable ({error}); the checkpoint is damaged") from None
+    return files
+
+
+def verify_checkpoint(directory: str | Path) -> bool:
+    """Check every file checksums.json lists: present, of the recorded size and sha256. Returns
+    False for a folder without checksums.json (written before xiaolm recorded them, or by another
+    tool); raises CheckpointError naming the first file that does not match."""
+    directory = Path(directory)
+    path = directory / CHECKSUMS_FILE
+    if not path.is_file():
+        return False
+    for name, expected in _read_checksums(path).items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (listed in {CHECKSUMS_FILE}); the checkpoint is "
+                                  "incomplete")
+        size = file.stat().st_size
+        if size != expected["size"]:
+            state = "truncated or changed" if size < expected["size"] else "changed"
+            raise CheckpointError(f"{file}: {state} ({size:,} bytes; {expected['size']:,} were written)")
+        if file_sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file}: checksum mismatch (sha256 differs from the one recorded when it "
+                                  "was written): the file was changed or damaged")
+    return True
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def check_checkpoint(directory: Path) -> None:
+    """verify_checkpoint, with a note for a xiaolm checkpoint written before checksums existed."""
+    if not verify_checkpoint(directory) and (directory / CONFIG_FILE).is_file():
+        _note(f"{directory} has no {CHECKSUMS_FILE} (written before xiaolm recorded checksums): "
+              "loading it unverified")
+
+
+# --------------------------------------------------------------------------- run checkpoints
 
 
 def save_checkpoint(
@@ -115,13 +215,23 @@ def save_checkpoint(
     keep: int = 2,
     sharded_weights: Path | None = None,
 ) -> Path:
-    """Save atomically as RUN/checkpoints/step_NNNNNN and point `latest` at it."""
+    """Save atomically as RUN/checkpoints/step_NNNNNN and point `latest` at it. A write that fails
+    (full disk, read-only folder) leaves nothing behind and raises a CheckpointWriteError saying
+    how much space a checkpoint needs and which checkpoint is still the last good one."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:06d}"
+    name = step_name(step)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_model_folder(tmp, model, tokenizer, configs, training_state, sharded_weights)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_model_folder(tmp, model, tokenizer, configs, training_state, sharded_weights)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, SafetensorError):  # safetensors reports the OS error in its message
+            code = re.search(r"os error (\d+)", str(error))
+            error = OSError(int(code.group(1)) if code else None, str(error))
+        num_bytes = _checkpoint_bytes(model, tokenizer, training_state)
+        raise CheckpointWriteError(error, root, name, num_bytes) from None
     final = root / name
     if final.exists():  # re-saving a step (after a resume): move the old one aside first
         trash = root / f".old-{name}-{os.getpid()}"
@@ -129,17 +239,60 @@ def save_checkpoint(
         shutil.rmtree(trash)
     tmp.rename(final)
     _fsync_dir(root)
-    latest_tmp = root / f".{LATEST_FILE}.tmp"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, root / LATEST_FILE)
-    _fsync_dir(root)
+    point_latest_at(final)
     prune_checkpoints(root, keep)
     return final
 
 
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written; the message names the last good checkpoint."""
+
+    def __init__(self, error: OSError, root: Path, name: str, num_bytes: int) -> None:
+        latest = root / LATEST_FILE
+        last = root / latest.read_text().strip() if latest.is_file() else None
+        kept = (f"the last good checkpoint, {last}, is intact" if last
+                else "no checkpoint of this run was written yet")
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            free = shutil.disk_usage(root).free if root.is_dir() else 0
+            reason = (f"no space left on the disk: a checkpoint needs about {num_bytes / 2**20:,.1f} MiB and "
+                      f"{free / 2**20:,.1f} MiB are free")
+        else:
+            reason = f"{error.strerror or error} ({error.filename or root})"
+        super().__init__(f"cannot write checkpoint {name} in {root}: {reason}; {kept}")
+
+
+def _checkpoint_bytes(model: Transformer, tokenizer: XiaoTokenizer, training_state: Any) -> int:
+    """What a checkpoint of this model and training state takes on disk, about."""
+
+    def tensor_bytes(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(tensor_bytes(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(tensor_bytes(v) for v in value)
+        return 0
+
+    weights = sum(t.numel() * 4 for t in model_state_for_saving(model).values())
+    return weights + tensor_bytes(training_state) + 2 * len(tokenizer.tokenizer.to_str())
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def point_latest_at(checkpoint: Path) -> None:
+    """Atomically make `checkpoints/latest` name `checkpoint`."""
+    root = checkpoint.parent
+    latest_tmp = root / f".{LATEST_FILE}.tmp"
+    latest_tmp.write_text(checkpoint.name + "\n")
+    os.replace(latest_tmp, root / LATEST_FILE)
+    _fsync_dir(root)
+
+
 def prune_checkpoints(root: Path, keep: int) -> None:
     latest = (root / LATEST_FILE).read_text().strip()
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    steps = step_folders(root)[::-1]  # oldest first
     for old in steps[: max(0, len(steps) - keep)]:
         if old.name != latest:
             shutil.rmtree(old)
@@ -148,7 +301,112 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 
 
 def has_weights(folder: Path) -> bool:
+    """Whether `folder` holds a checkpoint's weights: model.safetensors, or --fsdp's sharded/."""
     return (folder / MODEL_FILE).is_file() or (folder / SHARDED_DIR / ".metadata").is_file()
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The step_NNNNNN folders under `root`, newest step first."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and STEP_FOLDER.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]), reverse=True)
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    """Whether a run folder holds checkpoints (usable or not)."""
+    root = Path(run_dir) / "checkpoints"
+    return (root / LATEST_FILE).is_file() or bool(root.is_dir() and step_folders(root))
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (a file missing, a checksum mismatch), or None."""
+    missing = [name for name in (CONFIG_FILE, STATE_FILE) if not (checkpoint / name).is_file()]
+    if not has_weights(checkpoint):
+        missing.insert(0, MODEL_FILE)
+    if missing:
+        return f"incomplete: {', '.join(missing)} missing"
+    try:
+        verify_checkpoint(checkpoint)
+    except CheckpointError as error:
+        return str(error)
+    return None
+
+
+@dataclass
+class ResumePoint:
+    """Where a run starts: `checkpoint` (None: from scratch), the unusable checkpoint folders found
+    on the way, and notes saying what was found and why this checkpoint was chosen."""
+
+    checkpoint: Path | None
+    unusable: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        return int(self.checkpoint.name[len("step_"):]) if self.checkpoint is not None else 0
+
+
+def find_resume_point(run_dir: str | Path, resume: bool, max_steps: int | None = None) -> ResumePoint:
+    """Where a run in `run_dir` starts, changing nothing on disk (so it can be checked before any work).
+
+    Without `resume`, a folder that holds checkpoints is refused. With it, the run continues from
+    the newest complete checkpoint whose checksums verify, whatever `latest` says (a kill between a
+    folder's rename and the update of `latest` leaves a newer complete folder); a folder without
+    checkpoints is a fresh start; one whose checkpoints are all unusable is refused, naming them, and
+    so is a `max_steps` below the chosen checkpoint's step (a run cannot go back)."""
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    if not has_checkpoints(run_dir):
+        fresh = [f"no checkpoint in {run_dir}: starting a fresh run"] if resume else []
+        return ResumePoint(None, notes=fresh)
+    latest_file = root / LATEST_FILE
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    if not resume:
+        raise ValueError(f"{run_dir} already holds checkpoints ({latest or 'no latest'}); pass --resume to "
+                         "continue it or choose another --out-dir")
+    point, problems = ResumePoint(None), []
+    for folder in step_folders(root):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            point.checkpoint = folder
+            break
+        point.unusable.append(folder)
+        problems.append(f"{folder.name} ({problem})")
+    chosen = point.checkpoint
+    if chosen is None:
+        raise ValueError(
+            f"cannot resume {run_dir}: none of its checkpoints is usable (latest names "
+            f"{latest or 'nothing'}; found: {'; '.join(problems) or 'no step folder'}); move the run folder "
+            "away or choose another --out-dir to start a new run"
+        )
+    point.notes += [f"skipped {problem}" for problem in problems]
+    if latest is None:
+        point.notes.append(f"{latest_file} is missing")
+    elif latest != chosen.name and not (root / latest).exists():
+        point.notes.append(f"{latest_file} names {latest}, which does not exist")
+    elif latest != chosen.name and STEP_FOLDER.fullmatch(latest) and int(latest[5:]) < point.step:
+        point.notes.append(f"{chosen.name} is complete but {latest_file} still named {latest}: the run was "
+                           "stopped between the two")
+    if not verify_checkpoint(chosen):
+        point.notes.append(f"{chosen} has no {CHECKSUMS_FILE} (written before xiaolm recorded checksums): "
+                           "unverified")
+    if max_steps is not None and max_steps < point.step:
+        raise ValueError(f"--max-steps {max_steps} is below step {point.step} of {chosen}: a resumed run "
+                         "cannot go back; pass a larger --max-steps, or another --out-dir for a new run")
+    return point
+
+
+def settle_resume_point(point: ResumePoint) -> None:
+    """Make the disk agree with `point`: unusable checkpoint folders are renamed
+    `.unusable-step_NNNNNN` (kept for inspection, out of the way of later saves and pruning) and
+    `latest` names the checkpoint the run continues from."""
+    for folder in point.unusable:
+        kept = folder.with_name(f".unusable-{folder.name}")
+        shutil.rmtree(kept, ignore_errors=True)
+        folder.rename(kept)
+        point.notes.append(f"{folder.name} is kept as {kept}")
+    latest = point.checkpoint.parent / LATEST_FILE
+    if not latest.is_file() or latest.read_text().strip() != point.checkpoint.name:
+        point_latest_at(point.checkpoint)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -162,6 +420,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
             candidate = root / latest.read_text().strip()
             if has_weights(candidate):
                 return candidate
+            others = ", ".join(p.name for p in step_folders(root) if has_weights(p)) or "none"
+            raise ValueError(f"{latest} names {candidate.name}, which is missing or incomplete; "
+                             f"complete checkpoints in {root}: {others} (pass one with its path)")
     raise ValueError(f"no checkpoint found at {path} (expected {MODEL_FILE} or checkpoints/{LATEST_FILE})")
 
 
@@ -176,7 +437,13 @@ def read_configs(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{checkpoint}: {CONFIG_FILE} is missing")
-    return json.loads(path.read_text())
+    try:
+        configs = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(configs, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(configs).__name__}")
+    return configs
 
 
 @dataclass
@@ -213,25 +480,30 @@ def detect_format(path: str | Path) -> str:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge_lora: bool = True) -> LoadedModel:
     """Load a checkpoint folder, a run folder (its latest checkpoint) or a transformers model folder
-    (imported on the fly, interop/hf_import.py: `xiaolm export hf` output, Llama / Qwen2 / Qwen3).
+    (imported on the fly, interop/hf_import.py: `xiaolm export hf` output, Llama / Qwen2 / Qwen3),
+    after verifying its files against the checksums recorded when they were written (a transformers
+    folder has them when xiaolm wrote it).
 
     A LoRA checkpoint (config.json has a "lora" section) comes with its adapters merged into the
     weights, so every command takes one; `merge_lora=False` keeps them as separate layers.
     `device` is a torch device or a name `runtime.resolve_device` understands ("auto", "cuda:1").
     """
-    from xiaolm.runtime import resolve_device
+    from xiaolm.runtime import check_model_fits, resolve_device
 
     device = resolve_device(device) if isinstance(device, str) else device
     if detect_format(path) == "hf":
         from xiaolm.interop.hf_import import load_hf
 
+        verify_checkpoint(path)
         model, tokenizer, configs = load_hf(path)
         return LoadedModel(model.to(device), model.config, tokenizer, configs, Path(path))
     checkpoint = resolve_checkpoint(path)
+    check_checkpoint(checkpoint)
     configs = read_configs(checkpoint)
     if "model" not in configs:
         raise ValueError(f"{checkpoint / CONFIG_FILE}: no 'model' section; not a xiaolm checkpoint")
-    config = from_dict(ModelConfig, configs["model"])
+    config = model_config_from(configs, checkpoint / CONFIG_FILE)
+    check_model_fits(config, device, training=False)
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer.vocab_size > config.vocab_size:  # fewer is fine: imported embeddings are often padded
         raise ValueError(
@@ -250,6 +522,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge_lo
         load_weights(model, checkpoint / MODEL_FILE)
     model.to(device).eval()
     return LoadedModel(model, config, tokenizer, configs, checkpoint, peft_model)
+
+
+def model_config_from(configs: dict[str, Any], where: Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint's config.json, or an error naming the file."""
+    try:
+        return from_dict(ModelConfig, configs["model"])
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{where}: 'model' section: {error}") from None
 
 
 def merge_lora_checkpoint(path: str | Path, out: str | Path) -> Path:
@@ -285,7 +565,11 @@ def load_weights(model: Transformer, file: Path) -> None:
             dcp.load(state, checkpoint_id=str(file.parent / SHARDED_DIR), no_dist=not dist.is_initialized())
         model.load_state_dict(state["model"])
         return
-    state = load_file(str(file))
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error}); the checkpoint is "
+                              "damaged") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
     bad_missing = set(missing) - allowed_missing
@@ -293,6 +577,25 @@ def load_weights(model: Transformer, file: Path) -> None:
         raise ValueError(
             f"{file}: weights do not fit the model config: missing {sorted(bad_missing)}, unexpected {sorted(unexpected)}"
         )
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    """training_state.pt, read with weights_only=True: tensors and plain data only, so a checkpoint
+    from someone else cannot run code while it loads."""
+    path = checkpoint / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume from {checkpoint}: {STATE_FILE} is missing")
+    try:
+        with torch.serialization.safe_globals(STATE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)|got <class '([^']+)'>", str(error))
+        what = f" ({found.group(1) or found.group(2)})" if found else ""
+        raise CheckpointError(f"{path}: refused: it holds a Python object{what} that a training state never "
+                              "holds and that could run code when loaded") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path}: unreadable ({reason}); the checkpoint is damaged") from None
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -21,6 +21,7 @@ from xiaolm.config import (
     TrainConfig,
     default_cache_dir,
 )
+from xiaolm.train.signals import TrainingInterrupted
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     mcq.add_argument("--split", default="val", choices=["dev", "val", "test"], help="test: predictions and a "
                      "submission file, no accuracy [val]")
     mcq.add_argument("--subjects", nargs="+", default=None, help="only these subjects")
+    mcq.add_argument("--answer-base", type=int, choices=[0, 1], default=None,
+                     help="what numeric answers count from: 0 (the first option is 0) or 1; needed only when a "
+                          "file's numbers include no 0 [letters: not needed]")
     mcq.add_argument("--out", type=Path, default=None, help="folder for the results [RUN/evals]")
     mcq.add_argument("--device", default="auto")
     add_config_flags(mcq, McqConfig, title="scoring (McqConfig)")
@@ -291,8 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # user errors: one clear line, no traceback
         print(f"xiaolm: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
+    except TrainingInterrupted as stop:  # SIGINT / SIGTERM during training: checkpoint written
+        if stop.checkpoint is not None:  # the main process says it
+            print(f"xiaolm: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except OSError as error:  # the file system refused (full, read-only, no permission): one line as well
+        if error.filename is None:
+            raise
+        print(f"xiaolm: error: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # training answers signals itself (train/signals.py); elsewhere nothing is saved
+        print("\nxiaolm: interrupted", file=sys.stderr)
         return 130
 
 
@@ -326,6 +339,9 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from xiaolm.tokenizer.bpe import load_tokenizer, train_tokenizer
 
     if args.tokenizer_command == "train":
+        from xiaolm.utils import check_output_folder
+
+        check_output_folder(args.out, "--out")
         texts = iter_documents(args.data, text_field=args.text_field)
         if args.max_chars:
             from xiaolm.utils import spread_sample
@@ -334,6 +350,9 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
         tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
         tokenizer.save(args.out)
         print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out}")
+        if tokenizer.vocab_size < args.vocab_size:
+            print(f"note: {args.vocab_size} tokens were asked for, but the text only had enough pairs to learn "
+                  f"{tokenizer.vocab_size}: give it more text or ask for fewer")
         return 0
     tokenizer = load_tokenizer(args.tokenizer)
     report = tokenizer_stats(tokenizer, iter_documents(args.data, text_field=args.text_field))
@@ -359,8 +378,9 @@ def tokenizer_stats(tokenizer, texts) -> dict[str, float]:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from xiaolm.data.shards import tokenize_files
-    from xiaolm.runtime import barrier, setup_runtime, shutdown_distributed
+    from xiaolm.runtime import barrier, check_model_fits, setup_runtime, shutdown_distributed
     from xiaolm.tokenizer.bpe import load_tokenizer
+    from xiaolm.train.loop import check_run_folder
     from xiaolm.train.runners import run_pretrain
 
     tokenizer = load_tokenizer(args.tokenizer)
@@ -368,9 +388,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                                         **config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})))
     train_cfg = TrainConfig.from_preset(args.preset, **config_overrides(args, TrainConfig))
     out = Path(train_cfg.out_dir)
+    check_run_folder(train_cfg)  # before tokenizing
     val = out / "tokens" / "val" if args.val_data else None
     # under torchrun one process per node tokenizes; the others wait for its shards
     runtime = setup_runtime(train_cfg.device, train_cfg.precision)
+    check_model_fits(model_cfg, runtime.device, training=True)
     ctx = runtime.ctx
     if ctx.local_rank == 0:
         tokenize_files(args.data, tokenizer, out / "tokens" / "train", text_field=args.text_field,
@@ -380,8 +402,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     barrier(ctx)
     result = run_pretrain(model_cfg, train_cfg, tokenizer, out / "tokens" / "train", val, runtime=runtime)
     if ctx.is_main:
-        print(f"trained {result.num_steps} steps, {result.num_tokens:,} tokens in {result.seconds:.0f} s; "
-              f"checkpoint {result.checkpoint}")
+        if result.num_steps > result.start_step:  # else the loop said there was nothing to train
+            print(f"trained {result.num_steps} steps, {result.num_tokens:,} tokens in {result.seconds:.0f} s; "
+                  f"checkpoint {result.checkpoint}")
         from xiaolm.eval.report import render_report
 
         print(f"report card: {render_report(out)}")  # every run leaves its curves and evals in its folder
@@ -416,6 +439,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from xiaolm.checkpoint import load_model
     from xiaolm.eval.report import evals_dir
 
+    if args.eval_command == "mcq":  # read and check the exam before loading the model
+        from xiaolm.eval.mcq import check_shots, load_exam
+
+        exam = load_exam(args.data, args.split, args.subjects, answer_base=args.answer_base)
+        cfg = McqConfig(**config_overrides(args, McqConfig))
+        check_shots(exam, cfg.num_shots)
     loaded = load_model(args.ckpt, args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     out = args.out or evals_dir(args.ckpt)
@@ -431,10 +460,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{name}: loss={result['loss']:.4f} perplexity={result['perplexity']:.2f} "
               f"bits_per_byte={result['bpb']:.4f} over {result['num_tokens']:,} tokens -> {out / (name + '.json')}")
         return 0
-    from xiaolm.eval.mcq import evaluate_mcq, format_summary, load_exam, write_mcq_results
+    from xiaolm.eval.mcq import evaluate_mcq, format_summary, write_mcq_results
 
-    exam = load_exam(args.data, args.split, args.subjects)
-    cfg = McqConfig(**config_overrides(args, McqConfig))
     result = evaluate_mcq(model, tokenizer, exam, cfg)
     name = f"mcq_{args.data.stem}_{args.split}_{cfg.method}_{cfg.num_shots}shot{'_chat' if cfg.chat else ''}"
     written = write_mcq_results(result, out, name)
@@ -480,8 +507,9 @@ def _finish_alignment_run(result, args: argparse.Namespace) -> None:
     """Summary line and the run's report card, as every training command leaves."""
     from xiaolm.eval.report import render_report
 
-    print(f"trained {result.num_steps} steps in {result.seconds:.0f} s; {result.last_eval}; "
-          f"checkpoint {result.checkpoint}")
+    if result.num_steps > result.start_step:  # else the loop said there was nothing to train
+        print(f"trained {result.num_steps} steps in {result.seconds:.0f} s; {result.last_eval}; "
+              f"checkpoint {result.checkpoint}")
     print(f"report card: {render_report(_alignment_train_config(args).out_dir)}")
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,22 @@ def from_preset(cls: type, presets: dict[str, dict[str, Any]], kind: str, name: 
 
 def _multiple_of(value: float, multiple: int) -> int:
     return multiple * ((int(value) + multiple - 1) // multiple)
+
+
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_field_types(config: Any, where: str) -> None:
+    """Each field holds a value of its annotated type (an int is a fine float) and every float is
+    finite: a config.json edited by hand or a Python caller gets a message, not a TypeError later."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kinds = _FIELD_TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(f"{where}: {f.name} must be {kinds[-1].__name__}, got {type(value).__name__} "
+                             f"{value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: {f.name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -91,6 +109,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        check_field_types(self, "model config")
         if self.intermediate_size == 0:
             self.intermediate_size = _multiple_of(self.hidden_size * 8 / 3, 64)
         if self.head_dim == 0 and self.num_heads > 0:
@@ -164,6 +183,23 @@ class ModelConfig:
             )
         if self.moe_aux_loss_coef < 0 or self.moe_bias_update_rate < 0:
             raise ValueError("model config: moe_aux_loss_coef and moe_bias_update_rate must be >= 0")
+
+    def num_parameters(self) -> int:
+        """Parameters of the model this config builds (a tied embedding counted once), from the
+        shapes alone: to size a model before allocating it (tested equal to the built model's)."""
+        hidden = self.hidden_size
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attention = 2 * hidden * q_width + 2 * hidden * kv_width
+        attention += q_width + 2 * kv_width if self.qkv_bias else 0
+        attention += 2 * self.head_dim if self.qk_norm else 0
+        dense = 3 * hidden * self.intermediate_size
+        moe = (hidden * self.num_experts + 3 * hidden * self.moe_intermediate_size
+               * (self.num_experts + self.num_shared_experts))
+        num_moe_layers = self.num_layers - self.first_k_dense if self.num_experts else 0
+        blocks = (self.num_layers * (attention + 2 * hidden) + (self.num_layers - num_moe_layers) * dense
+                  + num_moe_layers * moe)
+        embeddings = self.vocab_size * hidden * (1 if self.tie_embeddings else 2)
+        return embeddings + blocks + hidden
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -247,15 +283,26 @@ class TrainConfig:
     progress: bool = doc("Show a progress bar.", True)
 
     def __post_init__(self) -> None:
-        for name in ["seq_len", "batch_size", "grad_accum_steps", "max_steps"]:
+        check_field_types(self, "train config")
+        positive = ["seq_len", "batch_size", "grad_accum_steps", "max_steps", "num_eval_batches", "log_every",
+                    "keep_checkpoints", "max_bad_steps", "lr"]
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train config: {name} must be positive, got {getattr(self, name)}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"train config: precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"train config: optimizer must be adamw or muon, got {self.optimizer!r}")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0 or self.stop_after_steps < 0:
-            raise ValueError("train config: warmup_steps, eval_every, save_every and stop_after_steps must be >= 0")
+        for name in ["warmup_steps", "eval_every", "save_every", "stop_after_steps", "weight_decay", "grad_clip",
+                     "muon_momentum"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"train config: {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("train config: min_lr_ratio must be in [0, 1] (the schedule ends at lr * "
+                             f"min_lr_ratio), got {self.min_lr_ratio}")
+        for name in ["beta1", "beta2"]:
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"train config: {name} must be in [0, 1), got {getattr(self, name)}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
@@ -341,11 +388,15 @@ class LoraConfig:
                        "adapt; the default: every attention and MLP projection.", DEFAULT_LORA_TARGETS)
 
     def __post_init__(self) -> None:
-        if self.rank <= 0 or self.alpha <= 0:
+        if self.rank <= 0 or not self.alpha > 0:  # `not >`: NaN too
             raise ValueError(f"LoRA rank and alpha must be positive, got rank={self.rank}, "
                              f"alpha={self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        try:
+            re.compile(self.targets)
+        except re.error as error:
+            raise ValueError(f"LoRA targets {self.targets!r}: not a regular expression ({error})") from None
 
 
 MCQ_METHODS = ("letter", "text")
@@ -424,6 +475,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Build a config from a dict, refusing unknown keys with a message naming them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected an object of fields, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -432,7 +485,11 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 def save_json(path: str | Path, data: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Write under a temporary name, then rename: a kill never leaves half a JSON file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def diff_configs(saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:

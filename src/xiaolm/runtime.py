@@ -192,6 +192,43 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of `device`: the GPU's, or for CPU (and MPS, whose memory is the RAM) the
+    machine's RAM, capped by the container's cgroup limit when there is one; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def check_model_fits(config, device: torch.device, training: bool) -> None:
+    """Refuse, before allocating anything, a model that cannot fit in `device`'s memory at all: fp32
+    weights (4 bytes a parameter), and to train also gradients and AdamW's two moments (16 bytes)."""
+    num_parameters = config.num_parameters()
+    bytes_per_parameter = 16 if training else 4
+    needed = num_parameters * bytes_per_parameter + 8 * config.max_seq_len * config.head_dim  # + RoPE tables
+    available = device_memory_bytes(device)
+    if available is None or needed <= available:
+        return
+    count = f"{num_parameters / 1e6:,.1f}M" if num_parameters < 1e9 else f"{num_parameters / 1e9:,.1f}B"
+    what = "weights, gradients and AdamW states" if training else "fp32 weights"
+    raise ValueError(
+        f"model config: {count} parameters (hidden_size {config.hidden_size}, num_layers "
+        f"{config.num_layers}, vocab_size {config.vocab_size}, max_seq_len {config.max_seq_len}) need about "
+        f"{needed / 2**30:,.0f} GiB for {what}, more than the {available / 2**30:,.0f} GiB of "
+        f"{device.type} memory here; choose a smaller model"
+    )
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch: the training loop calls it once per run."""
     random.seed(seed)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -39,3 +41,21 @@ def spread_sample(make_texts: Callable[[], Iterable[str]], max_chars: int) -> It
         if seen >= next_keep:
             yield text
             next_keep += len(text) * step
+
+
+def check_output_folder(path: str | Path, flag: str) -> None:
+    """Refuse, before any work starts, an output folder that is a file or cannot be written (a
+    read-only disk, no permission). Probes with a temporary file in the folder, or in its nearest
+    existing parent when it does not exist yet; creates nothing."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        raise ValueError(f"{flag} {path}: not a folder{where}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot write in {existing} ({error.strerror})") from None

@@ -153,7 +153,8 @@ def _alpaca_messages(record: dict) -> list[Message]:
     query = _content(record["instruction"], "instruction")
     if record.get("input"):
         query = f"{query}\n{_content(record['input'], 'input')}"
-    messages += [{"role": "user", "content": query}, {"role": "assistant", "content": _content(record["output"], "output")}]
+    messages += [{"role": "user", "content": query},
+                 {"role": "assistant", "content": _content(record["output"], "output")}]
     return messages
 
 

@@ -22,12 +22,14 @@ skips such records instead, for messy scraped data.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,11 +204,25 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str | BadRecordError]:
             raise AssertionError(f"unhandled extension {ext} for {path}")
 
 
-def _open_binary(path: Path, compressed: bool) -> IO[bytes]:
-    """Open for binary reading with a buffer that supports ``peek``."""
-    if compressed:
-        return io.BufferedReader(gzip.open(path, "rb"))  # type: ignore[arg-type]
-    return open(path, "rb")
+@contextlib.contextmanager
+def _open_binary(path: Path, compressed: bool) -> Iterator[IO[bytes]]:
+    """Open for binary reading with a buffer that supports ``peek``. A ``.gz`` file that is not
+    gzip, or whose compressed data stops early, is an error naming it while it is read; ``skip_bad``
+    does not skip it: the file is damaged, not one of its records."""
+    try:
+        raw = io.BufferedReader(gzip.open(path, "rb")) if compressed else open(path, "rb")  # type: ignore[arg-type]
+        with raw:
+            yield raw
+    except gzip.BadGzipFile as err:
+        if "Not a gzipped file" in str(err):
+            with open(path, "rb") as handle:
+                start = handle.read(8)
+            raise ValueError(f"{path}: not gzip-compressed although its name ends in .gz (it starts with "
+                             f"{start!r}); rename it without .gz") from None
+        raise ValueError(f"{path}: damaged gzip data ({err}): re-download or recompress it") from None
+    except (EOFError, zlib.error):
+        raise ValueError(f"{path}: the gzip stream stops before its end (a truncated file?): "
+                         "re-download or recompress it") from None
 
 
 def _decode_lines(path: Path, raw: Iterable[bytes]) -> Iterator[tuple[int, str | BadRecordError]]:

@@ -85,16 +85,20 @@ def write_shards(
         shards.append({"name": name, "num_tokens": buffered, "num_documents": len(doc_starts)})
         buffer, doc_starts, buffered = [], [], 0
 
-    for batch in batched(documents, batch_documents):
-        for text, ids in zip(batch, tokenizer.encode_batch(batch)):
-            total_bytes += len(text.encode("utf-8"))
-            doc_starts.append(buffered)
-            ids = tokenizer.document_ids(ids)  # xiaolm's: the text, then <|endoftext|>
-            buffer.append(np.asarray(ids, dtype=np.int64))
-            buffered += len(ids)
-            if buffered >= shard_tokens:  # shards end on document boundaries
-                flush()
-    flush()
+    try:
+        for batch in batched(documents, batch_documents):
+            for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+                total_bytes += len(text.encode("utf-8"))
+                doc_starts.append(buffered)
+                ids = tokenizer.document_ids(ids)  # xiaolm's: the text, then <|endoftext|>
+                buffer.append(np.asarray(ids, dtype=np.int64))
+                buffered += len(ids)
+                if buffered >= shard_tokens:  # shards end on document boundaries
+                    flush()
+        flush()
+    except BaseException:  # a bad record, a damaged file, Ctrl-C: no half-written shards stay behind
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     if not shards:
         shutil.rmtree(tmp_dir)
         raise ValueError("no documents to tokenize: the input is empty")

@@ -67,74 +67,117 @@ class Exam:
 # --------------------------------------------------------------------------- reading
 
 
-def parse_answer(value: Any, num_options: int, where: str) -> int:
-    """An answer given as a letter ("B") or a 0-based index (1) -> the index."""
-    if isinstance(value, bool):
-        raise ValueError(f"{where}: answer {value!r} is neither a letter nor an index")
-    if isinstance(value, int):
-        index = value
-    elif isinstance(value, str) and len(value.strip()) == 1 and value.strip().upper() in LETTERS:
-        index = LETTERS.index(value.strip().upper())
-    elif isinstance(value, str) and value.strip().isdigit():
-        index = int(value.strip())
+def parse_answer(value: Any, num_options: int, where: str, number_base: int = 0) -> int:
+    """An answer given as a letter ("B") or a number (1, or "1") -> the option's index; numbers count
+    from `number_base` (0: the first option is 0; 1: it is 1)."""
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and len(text) == 1 and text.upper() in LETTERS:
+        index = LETTERS.index(text.upper())
+    elif _is_number(text):
+        index = int(text) - number_base
     else:
-        raise ValueError(f"{where}: answer {value!r} is neither one letter nor an index "
+        raise ValueError(f"{where}: answer {value!r} is neither one letter nor a number "
                          "(multi-answer questions are not supported)")
     if not 0 <= index < num_options:
-        raise ValueError(f"{where}: answer {value!r} is outside the {num_options} options")
+        counted = f" (numbers counting from {number_base})" if _is_number(text) else ""
+        raise ValueError(f"{where}: answer {value!r} is outside the {num_options} options{counted}")
     return index
 
 
-def read_csv_questions(path: str | Path, subject: str | None = None) -> list[Question]:
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and value.isdigit())
+
+
+def _number_base(path: Path, answers: list[Any], answer_base: int | None) -> int:
+    """What the file's numeric answers count from: `answer_base` when given; else 0 if some answer
+    is 0. A file of numbers none of which is 0 may count from 1 (it would be misread silently until
+    its first answer past the last 0-based option), so it needs `answer_base`."""
+    numbers = [int(a) for a in answers if _is_number(a.strip() if isinstance(a, str) else a)]
+    if answer_base is not None or not numbers:
+        return answer_base or 0
+    if 0 in numbers:
+        return 0
+    raise ValueError(f"{path}: answers are numbers and none is 0, so they may count from 1; say how they "
+                     "count with --answer-base 0 (the first option is 0) or --answer-base 1 (letters need "
+                     "neither)")
+
+
+def read_csv_questions(path: str | Path, subject: str | None = None, answer_base: int | None = None
+                       ) -> list[Question]:
     """One C-Eval CSV. Option columns are the single capital letters, in order; trailing empty
-    options are dropped (subjects with fewer options share a wider file)."""
+    options are dropped (subjects with fewer options share a wider file). Errors name the line a
+    record starts on (a quoted question may span several lines)."""
     path = Path(path)
     subject = subject or subject_of(path)
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        option_columns = [c for c in columns if len(c) == 1 and c in LETTERS]
-        if "question" not in columns or len(option_columns) < 2:
-            raise ValueError(f"{path}: expected columns id,question,A,B,...[,answer] but found {columns}")
-        questions = []
-        for line, row in enumerate(reader, start=2):
-            options = [(row.get(c) or "").strip() for c in option_columns]
-            while options and not options[-1]:
-                options.pop()
-            if len(options) < 2 or not all(options):
-                raise ValueError(f"{path}:{line}: needs at least two non-empty options, got {options}")
-            answer_text = (row.get("answer") or "").strip()
-            answer = parse_answer(answer_text, len(options), f"{path}:{line}") if answer_text else None
-            questions.append(Question(subject, (row.get("id") or str(line - 2)).strip(), row["question"].strip(),
-                                      options, answer, (row.get("explanation") or "").strip()))
+    rows = []  # (line, row)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            option_columns = [c for c in columns if len(c) == 1 and c in LETTERS]
+            if "question" not in columns or len(option_columns) < 2:
+                raise ValueError(f"{path}: expected columns id,question,A,B,...[,answer] but found {columns}")
+            end = reader.line_num
+            for row in reader:
+                line, end = end + 1, reader.line_num
+                if None in row or None in row.values():  # DictReader's marks of too many / too few values
+                    num_values = len(columns) + len(row.get(None, [])) - sum(v is None for v in row.values())
+                    raise ValueError(f"{path}:{line}: {num_values} values but the header has {len(columns)} "
+                                     "columns (a comma inside a field that is not quoted?)")
+                rows.append((line, row))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:
+        raise ValueError(f"{path}:{reader.line_num}: bad CSV ({error})") from None
+    base = _number_base(path, [row.get("answer") or "" for _, row in rows], answer_base)
+    questions = []
+    for index, (line, row) in enumerate(rows):
+        options = [(row.get(c) or "").strip() for c in option_columns]
+        while options and not options[-1]:
+            options.pop()
+        if len(options) < 2 or not all(options):
+            raise ValueError(f"{path}:{line}: needs at least two non-empty options, got {options}")
+        answer_text = (row.get("answer") or "").strip()
+        answer = parse_answer(answer_text, len(options), f"{path}:{line}", base) if answer_text else None
+        questions.append(Question(subject, (row.get("id") or str(index)).strip(), row["question"].strip(),
+                                  options, answer, (row.get("explanation") or "").strip()))
     return questions
 
 
-def read_jsonl_questions(path: str | Path) -> list[Question]:
-    """jsonl: {"question": ..., "options" (or "choices"): [...], "answer": index or letter,
+def read_jsonl_questions(path: str | Path, answer_base: int | None = None) -> list[Question]:
+    """jsonl: {"question": ..., "options" (or "choices"): [...], "answer": number or letter,
     optional "subject", "id", "explanation"}."""
     path = Path(path)
-    questions = []
-    with open(path, encoding="utf-8") as handle:
+    records = []  # (line, record)
+    with open(path, "rb") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{line_no}"
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: not valid UTF-8 ({error.reason})") from None
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            options = record.get("options", record.get("choices"))
-            if "question" not in record or not isinstance(options, list) or len(options) < 2:
-                raise ValueError(f"{where}: needs 'question' and a list of at least two 'options'")
-            options = [str(o).strip() for o in options]
-            answer = record.get("answer")
-            questions.append(Question(
-                str(record.get("subject", path.stem)), str(record.get("id", line_no - 1)),
-                str(record["question"]).strip(), options,
-                None if answer is None else parse_answer(answer, len(options), where),
-                str(record.get("explanation", "") or "").strip(),
-            ))
+            options = record.get("options", record.get("choices")) if isinstance(record, dict) else None
+            if not isinstance(options, list) or len(options) < 2 or "question" not in record:
+                raise ValueError(f"{where}: needs an object with 'question' and a list of at least two "
+                                 "'options'")
+            records.append((line_no, record))
+    base = _number_base(path, [record.get("answer") for _, record in records], answer_base)
+    questions = []
+    for line_no, record in records:
+        options = [str(o).strip() for o in record.get("options", record.get("choices"))]
+        answer = record.get("answer")
+        questions.append(Question(
+            str(record.get("subject", path.stem)), str(record.get("id", line_no - 1)),
+            str(record["question"]).strip(), options,
+            None if answer is None else parse_answer(answer, len(options), f"{path}:{line_no}", base),
+            str(record.get("explanation", "") or "").strip(),
+        ))
     return questions
 
 
@@ -160,25 +203,29 @@ def _split_files(root: Path, split: str) -> list[Path]:
 
 
 def load_exam(path: str | Path, split: str = "val", subjects: list[str] | None = None,
-              limit: int | None = None) -> Exam:
+              limit: int | None = None, answer_base: int | None = None) -> Exam:
     """Read a C-Eval folder (split `split`, dev questions for k-shot), one CSV, or one jsonl file;
-    `limit`: only the first questions of each subject."""
+    `limit`: only the first questions of each subject; `answer_base`: what numeric answers count
+    from (0 or 1; needed when a file's numbers include no 0)."""
     path = Path(path)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if answer_base not in (None, 0, 1):
+        raise ValueError(f"answer_base must be 0 or 1, got {answer_base}")
     if path.is_dir():
         files = _split_files(path, split)
         if not files:
             raise ValueError(f"{path}: no {split}/*_{split}.csv files (C-Eval layout: dev/ val/ test/ of "
                              f"{{subject}}_{{split}}.csv)")
-        questions = _group(q for f in files for q in read_csv_questions(f))
-        dev = _group(q for f in _split_files(path, "dev") for q in read_csv_questions(f))
+        questions = _group(q for f in files for q in read_csv_questions(f, answer_base=answer_base))
+        dev = _group(q for f in _split_files(path, "dev")
+                     for q in read_csv_questions(f, answer_base=answer_base))
         mapping_file = path / "subject_mapping.json"
         mapping = json.loads(mapping_file.read_text(encoding="utf-8")) if mapping_file.is_file() else {}
     elif path.is_file() and path.suffix == ".csv":
-        questions, dev, mapping = _group(read_csv_questions(path)), {}, {}
+        questions, dev, mapping = _group(read_csv_questions(path, answer_base=answer_base)), {}, {}
     elif path.is_file() and path.suffix == ".jsonl":
-        questions, dev, mapping = _group(read_jsonl_questions(path)), {}, {}
+        questions, dev, mapping = _group(read_jsonl_questions(path, answer_base=answer_base)), {}, {}
     else:
         raise ValueError(f"{path}: expected a C-Eval folder, a .csv or a .jsonl file")
     if subjects:
@@ -327,8 +374,22 @@ def score_options(model: torch.nn.Module, encoded: Encoded) -> list[float]:
     return scores
 
 
+def check_shots(exam: Exam, num_shots: int) -> None:
+    """k-shot prompts take k answered dev questions of each subject: refuse rather than score with
+    fewer and label the result k-shot."""
+    if not num_shots:
+        return
+    available = {s: sum(q.answer is not None for q in exam.dev.get(s, [])) for s in exam.questions}
+    short = {s: n for s, n in available.items() if n < num_shots}
+    if short:
+        counts = ", ".join(f"{s} has {n}" for s, n in short.items())
+        raise ValueError(f"--num-shots {num_shots} needs {num_shots} answered dev questions per subject: "
+                         f"{counts} (they come from dev/{{subject}}_dev.csv in a C-Eval folder)")
+
+
 def evaluate_mcq(model: torch.nn.Module, tokenizer: XiaoTokenizer, exam: Exam, cfg: McqConfig) -> dict[str, Any]:
     """Predict every question of `exam`; returns {"records": per question, "summary": accuracies}."""
+    check_shots(exam, cfg.num_shots)
     from tqdm import tqdm
 
     max_len = model.config.max_seq_len

@@ -68,10 +68,22 @@ def evaluate_text(
     text_field: str = "text",
 ) -> dict[str, Any]:
     """{loss, perplexity, bpb, num_tokens} over windows of `seq_len` tokens of `paths`."""
+    seq_len = check_eval_settings(model, seq_len, batch_size, max_batches)
     tokenize_files(paths, tokenizer, tokens_dir, text_field=text_field)
     result = evaluate_shards(model, tokenizer, tokens_dir, seq_len=seq_len, batch_size=batch_size,
                              max_batches=max_batches)
     return {**result, "data": [str(p) for p in paths]}
+
+
+def check_eval_settings(model: nn.Module, seq_len: int | None, batch_size: int, max_batches: int | None) -> int:
+    """The window length to score with (None: the model's context; longer than it: capped at it,
+    `fit_seq_len`), after refusing settings that cannot work, before anything is tokenized."""
+    seq_len = model.config.max_seq_len if seq_len is None else seq_len
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if batch_size < 1 or (max_batches is not None and max_batches < 1):
+        raise ValueError(f"batch_size and max_batches must be positive, got {batch_size} and {max_batches}")
+    return fit_seq_len(seq_len, model.config)
 
 
 def evaluate_shards(
@@ -84,7 +96,7 @@ def evaluate_shards(
     max_batches: int | None = None,
 ) -> dict[str, Any]:
     """The same over token shards already written (a run's `tokens/val`)."""
-    seq_len = fit_seq_len(seq_len or model.config.max_seq_len, model.config)
+    seq_len = check_eval_settings(model, seq_len, batch_size, max_batches)
     data = PackedTokens(tokens_dir, seq_len, seed=0, shuffle=False)
     num_batches = max_batches or math.ceil(data.num_windows / batch_size)
     evaluate = evaluate_packed(data, token_num_bytes(tokenizer), batch_size, num_batches)

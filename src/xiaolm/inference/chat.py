@@ -86,8 +86,14 @@ class ChatSession:
 
 
 def _lines(stream: TextIO, interactive: bool, out: TextIO) -> Iterator[str]:
+    """User messages. Piped input is read as UTF-8 bytes, so a line that is not valid UTF-8 is an
+    error naming its number; on a terminal such a line is refused and the chat goes on."""
     if not interactive:
-        yield from stream
+        for number, line in enumerate(getattr(stream, "buffer", stream), start=1):
+            text = _decoded(line)
+            if text is None:
+                raise ValueError(f"stdin line {number} is not valid UTF-8; xiaolm chat reads UTF-8 text")
+            yield text
         return
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -95,10 +101,25 @@ def _lines(stream: TextIO, interactive: bool, out: TextIO) -> Iterator[str]:
         pass
     while True:
         try:
-            yield input("you> ")
+            text = _decoded(input("you> "))
         except EOFError:
             out.write("\n")
             return
+        except UnicodeDecodeError:
+            text = None
+        if text is None:
+            out.write("(that line is not valid UTF-8: check the terminal's encoding)\n")
+            continue
+        yield text
+
+
+def _decoded(line: str | bytes) -> str | None:
+    """The line as text, or None when it is not valid UTF-8 (bytes that do not decode, or a str that
+    carries undecodable bytes as lone surrogates, as Python reads them in a C locale)."""
+    try:
+        return line.decode("utf-8") if isinstance(line, bytes) else line.encode("utf-8").decode("utf-8")
+    except UnicodeError:
+        return None
 
 
 def run_chat(checkpoint: str | Path, sampling: SamplingConfig, *, system: str | None = None, device: str = "auto",

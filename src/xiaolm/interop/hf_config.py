@@ -86,7 +86,8 @@ def rope_fields(config: ModelConfig) -> dict[str, Any]:
         # transformers grows the base past max_position_embeddings: it holds the trained context
         scaling, max_positions = {"rope_type": "dynamic", "factor": factor}, config.original_max_seq_len
     elif kind == "llama3":
-        scaling = {"rope_type": "llama3", "factor": factor, "original_max_position_embeddings": config.original_max_seq_len,
+        scaling = {"rope_type": "llama3", "factor": factor,
+                   "original_max_position_embeddings": config.original_max_seq_len,
                    "low_freq_factor": config.rope_low_freq_factor, "high_freq_factor": config.rope_high_freq_factor}
     elif kind == "yarn":
         # 4.x takes YaRN's factor as max_position_embeddings / original: both must say the same
@@ -94,7 +95,8 @@ def rope_fields(config: ModelConfig) -> dict[str, Any]:
         if max_positions != config.original_max_seq_len * factor:
             raise ValueError(f"yarn: rope_original_max_seq_len * rope_scaling_factor = "
                              f"{config.original_max_seq_len * factor} must be a whole number of positions")
-        scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": config.original_max_seq_len,
+        scaling = {"rope_type": "yarn", "factor": factor,
+                   "original_max_position_embeddings": config.original_max_seq_len,
                    "beta_fast": config.rope_yarn_beta_fast, "beta_slow": config.rope_yarn_beta_slow}
         if config.rope_attention_factor:
             scaling["attention_factor"] = config.rope_attention_factor
@@ -125,7 +127,8 @@ def hf_config(config: ModelConfig, architecture: str, *, eos_ids: list[int], bos
     if architecture in ("qwen2", "qwen3", "qwen3_moe"):
         fields.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_layers)
     if architecture == "mixtral":  # experts as wide as intermediate_size: every block is MoE
-        fields.update(intermediate_size=config.moe_intermediate_size, num_local_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_token,
+        fields.update(intermediate_size=config.moe_intermediate_size, num_local_experts=config.num_experts,
+                      num_experts_per_tok=config.num_experts_per_token,
                       sliding_window=None, router_jitter_noise=0.0, output_router_logits=False,
                       router_aux_loss_coef=config.moe_aux_loss_coef)
     if architecture == "qwen3_moe":

@@ -103,7 +103,8 @@ def model_from_hf(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor
 
 def describe(config: ModelConfig) -> str:
     return (f"{config.num_layers}-layer, hidden {config.hidden_size}, heads {config.num_heads}/{config.num_kv_heads}"
-            f"x{config.head_dim}" + (", q/k/v bias" if config.qkv_bias else "") + (", QK-norm" if config.qk_norm else ""))
+            f"x{config.head_dim}" + (", q/k/v bias" if config.qkv_bias else "")
+            + (", QK-norm" if config.qk_norm else ""))
 
 
 def load_hf(directory: str | Path) -> tuple[Transformer, XiaoTokenizer, dict[str, Any]]:

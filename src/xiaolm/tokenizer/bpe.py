@@ -14,6 +14,7 @@ with `transformers.AutoTokenizer.from_pretrained`, whose `apply_chat_template` r
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
@@ -185,7 +186,7 @@ class XiaoTokenizer:
         imported tokenizer's own]."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(directory / TOKENIZER_FILE))
+        _write_whole(directory / TOKENIZER_FILE, self.tokenizer.to_str(pretty=True))
         if self.is_native:
             _write_native_config(directory, eos_token or IM_END)
             return
@@ -195,7 +196,8 @@ class XiaoTokenizer:
             config["eos_token"] = eos_token
         config.update({ROLE_KEYS["document_end"]: self.document_end, ROLE_KEYS["end_of_turn"]: self.end_of_turn,
                        ROLE_KEYS["stop"]: self.stop_tokens, ROLE_KEYS["add_bos"]: self.add_bos})
-        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        _write_whole(directory / TOKENIZER_CONFIG_FILE, text)
 
     @classmethod
     def from_hf_files(cls, tokenizer: Tokenizer, config: dict[str, Any], chat_template: str | None = None,
@@ -304,7 +306,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, min_frequency:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(batched(texts, 1000), trainer=trainer)
+    num_texts = 0
+
+    def counted(texts: Iterable[str]) -> Iterable[str]:
+        nonlocal num_texts
+        for text in texts:
+            num_texts += 1
+            yield text
+
+    tokenizer.train_from_iterator(batched(counted(texts), 1000), trainer=trainer)
+    if num_texts == 0:
+        raise ValueError("no text to train the tokenizer on: the data holds no documents")
     return XiaoTokenizer(tokenizer)
 
 
@@ -322,9 +334,17 @@ def _write_native_config(directory: Path, eos_token: str) -> None:
         "model_max_length": 1_000_000,
         "chat_template": CHAT_TEMPLATE,
     }
-    (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    _write_whole(directory / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     special_map = {"eos_token": eos_token, "pad_token": ENDOFTEXT, "additional_special_tokens": SPECIAL_TOKENS}
-    (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    _write_whole(directory / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: an interrupted save never leaves half a file where a
+    good tokenizer was."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def load_tokenizer(directory: str | Path, stop_ids: Iterable[int] = ()) -> XiaoTokenizer:
@@ -335,9 +355,15 @@ def load_tokenizer(directory: str | Path, stop_ids: Iterable[int] = ()) -> XiaoT
     path = directory / TOKENIZER_FILE
     if not path.is_file():
         raise ValueError(f"no tokenizer at {path}; train one with `xiaolm tokenizer train`")
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{path}: not a readable tokenizer file ({error})") from None
     config_path = directory / TOKENIZER_CONFIG_FILE
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    except ValueError as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
     template = _template_text(config.get("chat_template"))
     if template is None and (directory / CHAT_TEMPLATE_FILE).is_file():
         template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")

@@ -5,8 +5,12 @@ it trains.
 Top to bottom: what a stage gives the loop (`Stage`, whose loss returns a `StageLoss`); what a step
 reads and changes (`TrainState`, made by `init_train_state`, saved by `save_train_state` and
 restored by `restore_train_state`); one optimizer step (`train_step`); what a run reports
-(`RunLog`); and the run around the steps (`train`): resume, the data-parallel split of the
-samples (`micro_batch_samples`), logging, validation and checkpoints.
+(`RunLog`); and the run around the steps (`train`): resume from the newest verified checkpoint
+(`resume_point`), the data-parallel split of the samples (`micro_batch_samples`), logging,
+validation, checkpoints, and SIGINT / SIGTERM (train/signals.py: finish the step, save, stop).
+The speed options plug in at `init_train_state` (measured precision, activation checkpointing,
+per-block compile, FSDP shards, Muon through build_optimizer) and `train_step` (FSDP's gradient
+sync); the checkpoint side (DCP shards, checksums) in `save_train_state`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +43,7 @@ from xiaolm.runtime import (
     DistContext,
     Runtime,
     all_reduce_sum,
+    barrier,
     choose_training_precision,
     matmul_peak,
     raise_matmul_peak,
@@ -48,6 +54,8 @@ from xiaolm.runtime import (
 from xiaolm.tokenizer.bpe import XiaoTokenizer
 from xiaolm.train import fsdp
 from xiaolm.train.optim import build_optimizer, learning_rate
+from xiaolm.train.signals import StopRequests, TrainingInterrupted
+from xiaolm.utils import check_output_folder
 
 Batch = dict[str, torch.Tensor]
 
@@ -95,6 +103,7 @@ class TrainResult:
     last_loss: float
     last_eval: dict[str, float]
     checkpoint: Path | None
+    start_step: int = 0  # where it started: the resumed checkpoint's step, or 0
 
 
 @dataclass
@@ -234,10 +243,8 @@ class RunLog:
             # of all processes (measured once per machine and precision, then cached)
             self.flops_per_token = model.flops_per_token(cfg.seq_len)
             self.peak_flops = matmul_peak(runtime.device, runtime.precision) * runtime.ctx.world_size
-        if self.path.exists():  # a resumed run drops what the killed run logged past its checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.path.exists():
+            keep_metrics_until(run_dir, start_step)
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -316,6 +323,23 @@ class RunLog:
             self.wandb.finish()
 
 
+def keep_metrics_until(run_dir: Path, step: int) -> None:
+    """A run resumed from `step` logs the steps after it again (the same values: the resume is exact),
+    so the records past it go; every record up to it stays. Rewritten whole (temporary file, then
+    rename): a kill meanwhile leaves the old file. A line cut short by a crash is dropped."""
+    from xiaolm.eval.report import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    if len(kept) == sum(bool(line.strip()) for line in lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    print(f"metrics.jsonl: kept the {len(kept)} records up to step {step}; the steps after it are logged again")
+
+
 def wrap_model(model: nn.Module, cfg: TrainConfig, runtime: Runtime) -> nn.Module:
     """What computes the training forward: `model` under DistributedDataParallel when there are
     several processes (with --fsdp, `model` is sharded already), then under torch.compile when
@@ -359,9 +383,11 @@ def train(
     runtime = state.runtime
     if ctx.is_main:
         print(f"precision {runtime.precision} ({runtime.precision_reason})", flush=True)
-    saved = checkpoint_to_resume(run_dir, cfg)
+    point = resume_point(run_dir, cfg, ctx)
+    saved = point.checkpoint
     if saved is not None:
         restore_train_state(saved, state, configs)
+    start_step = state.step
     state.forward_model = wrap_model(state.model, cfg, runtime)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -374,52 +400,73 @@ def train(
 
     last_loss, last_eval = math.nan, {}
     end_step = min(cfg.max_steps, cfg.stop_after_steps) if cfg.stop_after_steps else cfg.max_steps
+    if start_step >= end_step and ctx.is_main:
+        print(f"nothing to train: {saved} is at step {start_step} and --max-steps is {cfg.max_steps}")
     state.forward_model.train()
-    while state.step < end_step:
-        first_micro = state.step * cfg.grad_accum_steps
-        batches = [stage.train_batch(micro_batch_samples(first_micro + micro, cfg.batch_size, ctx))
-                   for micro in range(cfg.grad_accum_steps)]
-        metrics = train_step(state, batches, stage, cfg)
-        log.step_done(metrics)
-        if metrics.finite:
-            last_loss = metrics.loss
-        else:
-            log.nonfinite(state, metrics)
-            if state.num_bad_steps >= cfg.max_bad_steps:
+    # SIGINT / SIGTERM: finish the step, write its checkpoint, stop (train/signals.py)
+    with StopRequests() as stop:
+        while state.step < end_step:
+            first_micro = state.step * cfg.grad_accum_steps
+            batches = [stage.train_batch(micro_batch_samples(first_micro + micro, cfg.batch_size, ctx))
+                       for micro in range(cfg.grad_accum_steps)]
+            metrics = train_step(state, batches, stage, cfg)
+            log.step_done(metrics)
+            if metrics.finite:
+                last_loss = metrics.loss
+            else:
+                log.nonfinite(state, metrics)
+                if state.num_bad_steps >= cfg.max_bad_steps:
+                    log.close()
+                    raise TrainingDiverged(
+                        f"{state.num_bad_steps} consecutive non-finite steps (last at step {state.step}); "
+                        f"stopping without saving. Last good checkpoint: {saved or 'none'}. Lower --lr or "
+                        "check the data."
+                    )
+            done = state.step
+            if done % cfg.log_every == 0 or done == end_step:
+                # optional model and stage metrics (MoE expert load, DPO rewards); every rank all-reduces
+                extra = state.model.training_metrics(reduce) if hasattr(state.model, "training_metrics") else {}
+                if stage.metrics is not None:
+                    extra = {**extra, **stage.metrics(reduce)}
+                log.train_record(state, metrics, extra)
+            if stage.evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == end_step):
+                last_eval = evaluate(state, stage)
+                log.eval_record(done, last_eval)
+            signum = stop.requested(runtime)  # the same on every process
+            # never checkpoint inside a non-finite streak: the last good checkpoint stays the latest
+            due = (cfg.save_every and done % cfg.save_every == 0) or done == end_step or signum
+            if state.num_bad_steps == 0 and due:
+                saved = save_train_state(state, run_dir, tokenizer, configs, cfg.keep_checkpoints) or saved
+                signum = signum or stop.requested(runtime)  # a signal during the save is answered now
+            if signum:
                 log.close()
-                raise TrainingDiverged(
-                    f"{state.num_bad_steps} consecutive non-finite steps (last at step {state.step}); "
-                    f"stopping without saving. Last good checkpoint: {saved or 'none'}. Lower --lr or check "
-                    "the data."
-                )
-        done = state.step
-        if done % cfg.log_every == 0 or done == end_step:
-            # optional model and stage metrics (MoE expert load, DPO rewards); every rank all-reduces
-            extra = state.model.training_metrics(reduce) if hasattr(state.model, "training_metrics") else {}
-            if stage.metrics is not None:
-                extra = {**extra, **stage.metrics(reduce)}
-            log.train_record(state, metrics, extra)
-        if stage.evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == end_step):
-            last_eval = evaluate(state, stage)
-            log.eval_record(done, last_eval)
-        # never checkpoint inside a non-finite streak: the last good checkpoint stays the latest
-        if state.num_bad_steps == 0 and ((cfg.save_every and done % cfg.save_every == 0) or done == end_step):
-            saved = save_train_state(state, run_dir, tokenizer, configs, cfg.keep_checkpoints) or saved
+                raise TrainingInterrupted(signum, done, saved, saved_now=state.num_bad_steps == 0)
     log.close()
     seconds = time.perf_counter() - log.started
-    return TrainResult(end_step, state.num_tokens_seen, seconds, last_loss, last_eval, saved)
+    return TrainResult(end_step, state.num_tokens_seen, seconds, last_loss, last_eval, saved, start_step)
 
 
-def checkpoint_to_resume(run_dir: Path, cfg: TrainConfig) -> Path | None:
-    """The latest checkpoint in `run_dir` when cfg.resume asks to continue; a folder that holds
-    checkpoints is refused without it."""
-    latest = ckpt.find_latest_checkpoint(run_dir)
-    if latest is not None and not cfg.resume:
-        raise ValueError(
-            f"{run_dir} already holds checkpoints ({latest.name}); pass --resume to continue it "
-            "or choose another --out-dir"
-        )
-    return latest
+def check_run_folder(cfg: TrainConfig) -> None:
+    """Refuse, before any work, an out_dir this run cannot use: a file, a folder it cannot write, a run
+    that needs --resume, one whose checkpoints are all unusable, a --max-steps below its checkpoint."""
+    check_output_folder(cfg.out_dir, "--out-dir")
+    ckpt.find_resume_point(cfg.out_dir, cfg.resume, cfg.max_steps)
+
+
+def resume_point(run_dir: Path, cfg: TrainConfig, ctx: DistContext) -> ckpt.ResumePoint:
+    """The checkpoint this run continues from (`checkpoint.find_resume_point`), the run folder settled
+    to agree with it by the main process, and what was found said on stdout."""
+    point = ckpt.find_resume_point(run_dir, cfg.resume, cfg.max_steps)
+    barrier(ctx)  # every process has looked before the main one renames anything
+    if ctx.is_main:
+        if point.checkpoint is not None:
+            ckpt.settle_resume_point(point)
+        for note in point.notes:
+            print(f"resume: {note}")
+        if point.checkpoint is not None:
+            print(f"resuming from {point.checkpoint} (step {point.step})", flush=True)
+    barrier(ctx)
+    return point
 
 
 def evaluate(state: TrainState, stage: Stage) -> dict[str, float]:
@@ -433,14 +480,16 @@ def evaluate(state: TrainState, stage: Stage) -> dict[str, float]:
 
 def save_train_state(state: TrainState, run_dir: Path, tokenizer: XiaoTokenizer, configs: dict[str, Any],
                      keep: int) -> Path | None:
-    """A checkpoint of `state` (written by the main process; every process waits for it). Returns
-    its folder on the main process, None on the others. Under --fsdp every process first writes its
-    shards of the weights and optimizer state, which the main process then files in the folder."""
-    saved, shards = None, None
+    """A checkpoint of `state`, written by the main process (`save_on_every_rank`: every process
+    returns once it is written, and raises if it failed). Returns its folder on the main process,
+    None on the others. Under --fsdp every process first writes its shards of the weights and
+    optimizer state, which the main process then files in the folder."""
+    shards = None
     if state.fsdp:
-        shards = run_dir / "checkpoints" / f".shards-step_{state.step:06d}"
+        shards = run_dir / "checkpoints" / f".shards-{ckpt.step_name(state.step)}"
         fsdp.save_sharded(shards, state.model, state.optimizer)
-    if state.runtime.ctx.is_main:
+
+    def save() -> Path:
         training_state = {  # keys as every checkpoint so far names them
             "step": state.step, "bad_steps": state.num_bad_steps, "tokens_seen": state.num_tokens_seen,
             "scaler": state.scaler.state_dict() if state.scaler is not None else None,
@@ -448,10 +497,28 @@ def save_train_state(state: TrainState, run_dir: Path, tokenizer: XiaoTokenizer,
         }
         if not state.fsdp:
             training_state["optimizer"] = state.optimizer.state_dict()
-        saved = ckpt.save_checkpoint(run_dir, state.step, state.model, tokenizer, configs, training_state,
-                                     keep=keep, sharded_weights=shards)
-    if state.runtime.ctx.enabled:
-        dist.barrier()
+        return ckpt.save_checkpoint(run_dir, state.step, state.model, tokenizer, configs, training_state,
+                                    keep=keep, sharded_weights=shards)
+
+    return save_on_every_rank(state.runtime.ctx, state.runtime.device, save)
+
+
+def save_on_every_rank(ctx: DistContext, device: torch.device, save: Callable[[], Path]) -> Path | None:
+    """`save()` on the main process; every process returns once it is done, and raises if it failed
+    (no process is left waiting for one that stopped). The main process's path, None elsewhere."""
+    saved, error = None, None
+    if ctx.is_main:
+        try:
+            saved = save()
+        except Exception as caught:  # re-raised below, once every rank knows
+            error = caught
+    if ctx.enabled:
+        failed = torch.tensor([float(error is not None)], device=device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and error is None:
+            raise ValueError("the main process could not write the checkpoint (its error says why)")
+    if error is not None:
+        raise error
     return saved
 
 
@@ -478,10 +545,7 @@ def restore_train_state(checkpoint: Path, state: TrainState, configs: dict[str, 
             f"cannot resume from {checkpoint}: it was written by a different configuration:\n  "
             + "\n  ".join(problems)
         )
-    state_file = checkpoint / ckpt.STATE_FILE
-    if not state_file.is_file():
-        raise ValueError(f"cannot resume from {checkpoint}: {ckpt.STATE_FILE} is missing")
-    training_state = torch.load(state_file, map_location="cpu", weights_only=False)
+    training_state = ckpt.load_training_state(checkpoint)
     if (checkpoint / ckpt.SHARDED_DIR).is_dir():  # --fsdp: resharded to this run's processes
         fsdp.load_sharded(checkpoint / ckpt.SHARDED_DIR, state.model, state.optimizer)
     else:

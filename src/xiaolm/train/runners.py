@@ -21,11 +21,13 @@ from xiaolm.data.readers import ReadStats
 from xiaolm.data.shards import PackedTokens
 from xiaolm.eval.ppl import token_num_bytes
 from xiaolm.model.transformer import Transformer
-from xiaolm.runtime import Runtime, seeded, setup_runtime
+from xiaolm.runtime import Runtime, check_model_fits, resolve_device, seeded, setup_runtime
 from xiaolm.tokenizer.bpe import XiaoTokenizer
-from xiaolm.train.loop import Stage, TrainResult, train
+from xiaolm.train.loop import Stage, TrainResult, check_run_folder, train
 from xiaolm.train.stages import (
     build_preference_data,
+    check_distill_settings,
+    check_dpo_settings,
     compute_reference_logps,
     distill_stage,
     dpo_stage,
@@ -49,9 +51,11 @@ def train_stage(model: Transformer, stage: Stage, cfg: TrainConfig, *, tokenizer
         configs = {**(configs or {}), "lora": to_dict(lora)}
     result = train(model, stage, cfg, tokenizer=tokenizer, configs=configs, runtime=runtime)
     if peft_model is not None and result.checkpoint is not None:
+        from xiaolm.checkpoint import write_checksums
         from xiaolm.model.lora import save_adapter
 
         save_adapter(peft_model, result.checkpoint)
+        write_checksums(result.checkpoint, new_files_only=True)  # the adapter files are verified too
     return result
 
 
@@ -159,6 +163,7 @@ def run_sft(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
             truncate: str = "turns", val_fraction: float = 0.05, skip_bad: bool = False,
             lora: LoraConfig | None = None, runtime: Runtime | None = None) -> TrainResult:
     """Supervised fine-tuning of `from_checkpoint` on chat data."""
+    check_run_folder(cfg)
     start = load_model(from_checkpoint)
     model, tokenizer = start.model, start.tokenizer
     cfg = with_seq_len_fitted(cfg, model.config)
@@ -175,6 +180,8 @@ def run_dpo(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
             skip_bad: bool = False, lora: LoraConfig | None = None,
             runtime: Runtime | None = None) -> TrainResult:
     """DPO from `from_checkpoint`; the reference is `reference_checkpoint` or the starting model."""
+    check_dpo_settings(beta)
+    check_run_folder(cfg)
     start = load_model(from_checkpoint)
     model, tokenizer = start.model, start.tokenizer
     cfg = with_seq_len_fitted(cfg, model.config)
@@ -189,8 +196,12 @@ def run_dpo(from_checkpoint: str | Path, data: Sequence[str | Path], cfg: TrainC
     train_data = build_preference_data(train_items, tokenizer, cfg.seq_len, truncate)
     val = held_out_data(lambda items: build_preference_data(items, tokenizer, cfg.seq_len, truncate),
                         val_items)
-    print(f"preference pairs: {train_data.num_pairs} train ({train_data.num_dropped} dropped), "
+    print(f"preference pairs: {train_data.num_pairs} train ({train_data.num_dropped} dropped: too long), "
           f"{val.num_pairs if val else 0} val")
+    num_identical = train_data.num_identical + (val.num_identical if val else 0)
+    if num_identical:
+        print(f"dropped {num_identical} pair(s) whose chosen and rejected replies are identical: "
+              "they teach no preference")
     runtime = runtime or setup_runtime(cfg.device, cfg.precision)
     if precompute_reference:
         train_data.reference_logps = compute_reference_logps(reference, train_data, cfg.batch_size, runtime)
@@ -212,6 +223,8 @@ def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Seque
                 lora: LoraConfig | None = None, runtime: Runtime | None = None) -> TrainResult:
     """Distil `teacher_checkpoint` into `student`: a checkpoint (same tokenizer required) or a model
     preset name (a fresh model with the teacher's tokenizer; `student_overrides` change its shape)."""
+    check_distill_settings(temperature, alpha)
+    check_run_folder(cfg)
     loaded = load_model(teacher_checkpoint)
     teacher, tokenizer = loaded.model, loaded.tokenizer
     if Path(student).exists():
@@ -219,10 +232,12 @@ def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Seque
         model = loaded.model
         check_same_tokenizer(tokenizer, loaded.tokenizer)
     elif str(student) in MODEL_PRESETS:
+        # as many output rows as the teacher (an imported model's embedding may be padded)
+        student_config = ModelConfig.from_preset(str(student), vocab_size=teacher.config.vocab_size,
+                                                 **(student_overrides or {}))
+        check_model_fits(student_config, resolve_device(cfg.device), training=True)
         with seeded(cfg.seed):
-            # as many output rows as the teacher (an imported model's embedding may be padded)
-            model = Transformer(ModelConfig.from_preset(str(student), vocab_size=teacher.config.vocab_size,
-                                                        **(student_overrides or {})))
+            model = Transformer(student_config)
     else:
         raise ValueError(f"--student {student}: no checkpoint there and not a model preset "
                          f"({sorted(MODEL_PRESETS)})")

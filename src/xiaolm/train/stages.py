@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -158,6 +159,9 @@ class PreferenceData:
     examples: list[tuple[list[int], list[int], list[int]]]
     pad_id: int
     num_dropped: int = 0
+    num_identical: int = 0
+    """Pairs dropped because both replies were the same tokens: they carry no preference, only a
+    zero-gradient loss of log 2."""
     reference_logps: torch.Tensor | None = None
 
     @property
@@ -168,18 +172,25 @@ class PreferenceData:
 def build_preference_data(pairs: Sequence[PreferencePair], tokenizer: XiaoTokenizer, max_len: int,
                           truncate: str = "turns") -> PreferenceData:
     """Fit each pair into `max_len` tokens per sequence (`tokenize_preference`, under the `truncate`
-    policy); pairs that do not fit are counted (`num_dropped`) and dropped."""
-    examples, num_dropped = [], 0
+    policy); pairs that do not fit are counted (`num_dropped`) and dropped, and so are pairs whose
+    two replies are the same tokens (`num_identical`)."""
+    examples, num_dropped, num_identical = [], 0, 0
     for pair in pairs:
         example = tokenize_preference(tokenizer, pair, max_len + 1, truncate)
         if example is None:
             num_dropped += 1
+        elif example[1] == example[2]:
+            num_identical += 1
         else:
             examples.append(example)
     if not examples:
-        raise ValueError(f"no preference pair fits in seq_len={max_len} ({num_dropped} dropped); raise "
-                         "--seq-len" + (" or pass --truncate tokens" if truncate == "turns" else ""))
-    return PreferenceData(examples, tokenizer.pad_id, num_dropped)
+        if num_identical and not num_dropped:
+            raise ValueError(f"all {num_identical} preference pairs have the same chosen and rejected reply: "
+                             "there is no preference to learn")
+        raise ValueError(f"no preference pair fits in seq_len={max_len} ({num_dropped} dropped, {num_identical} "
+                         "with identical replies); raise --seq-len"
+                         + (" or pass --truncate tokens" if truncate == "turns" else ""))
+    return PreferenceData(examples, tokenizer.pad_id, num_dropped, num_identical)
 
 
 def preference_batch(data: PreferenceData, indices: Sequence[int]) -> Batch:
@@ -272,10 +283,17 @@ class RewardMeter:
         return reward_metrics(reduce(sums))
 
 
+def check_dpo_settings(beta: float) -> None:
+    if not 0 < beta < math.inf:  # NaN fails too
+        raise ValueError(f"DPO beta must be a positive number (the strength of the pull towards the reference), "
+                         f"got {beta}")
+
+
 def dpo_stage(train_data: PreferenceData, val_data: PreferenceData | None, cfg: TrainConfig, *,
               beta: float = 0.1, reference: nn.Module | None = None, identity: dict | None = None) -> Stage:
     """DPO against a frozen reference: either `reference` (a model, run every step) or the
     reference log-probabilities precomputed into `train_data` / `val_data`."""
+    check_dpo_settings(beta)
     if reference is None and train_data.reference_logps is None:
         raise ValueError("DPO needs a reference model or precomputed reference log-probabilities")
     if reference is not None:
@@ -338,13 +356,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * ce + (1 - alpha) * kl
 
 
+def check_distill_settings(temperature: float, alpha: float) -> None:
+    if not temperature > 0 or not 0 <= alpha <= 1:  # `not >`: NaN too
+        raise ValueError(f"distillation needs temperature > 0 and alpha in [0, 1], got {temperature}, {alpha}")
+
+
 def distill_stage(train_data: SftData, val_data: SftData | None, teacher: nn.Module, cfg: TrainConfig, *,
                   temperature: float = 2.0, alpha: float = 0.5, packed: bool = True,
                   identity: dict | None = None) -> Stage:
     """The SFT data and mask, with the loss pulled towards a frozen teacher's distribution."""
-    if temperature <= 0 or not 0 <= alpha <= 1:
-        raise ValueError(f"distillation needs temperature > 0 and alpha in [0, 1], got {temperature}, "
-                         f"{alpha}")
+    check_distill_settings(temperature, alpha)
     teacher.eval().requires_grad_(False)
     sft = sft_stage(train_data, val_data, cfg, packed=packed, identity=identity)
 
