@@ -28,6 +28,7 @@ def test_pretraining_takes_muon_only_where_it_was_measured_to_win(monkeypatch):
     monkeypatch.setattr(xiaolm.runtime, "cpu_has_native_bf16", lambda: True)
     assert pretrain_optimizer(tiny_model_config(), {}) == {"optimizer": "muon", "lr": SPEEDRUN_MUON_LR}
     assert pretrain_optimizer(tiny_model_config(), {"optimizer": "adamw"}) == {}  # the caller's choice stands
-    assert pretrain_optimizer(tiny_model_config(num_experts=4, num_experts_per_token=2), {}) == {}  # MoE: not raced
+    moe = tiny_model_config(num_experts=4, num_experts_per_token=2)
+    assert pretrain_optimizer(moe, {}) == {}  # MoE: not raced
     monkeypatch.setattr(xiaolm.runtime, "cpu_has_native_bf16", lambda: False)  # bf16 emulated: not raced
     assert pretrain_optimizer(tiny_model_config(), {}) == {}

@@ -243,7 +243,8 @@ class Engine:
             self.running.append(running)  # first: if the prefill fails, `abort` still ends this request
             prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)  # (1, P)
             self.cache.lengths[row] = 0
-            new_logits.append(self.model.prefill(prompt, self.cache.rows(row, row + 1), self.prefill_chunk))  # (1, V)
+            row_cache = self.cache.rows(row, row + 1)
+            new_logits.append(self.model.prefill(prompt, row_cache, self.prefill_chunk))  # (1, V)
             self.seen[row] = False
             self.seen[row, prompt[0]] = True
             self.counts[row] = 0

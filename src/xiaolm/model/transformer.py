@@ -77,7 +77,8 @@ def fused_projections(owner: nn.Module, x: torch.Tensor, linears: tuple[nn.Linea
         return F.linear(x, weight, bias).split([linear.out_features for linear in linears], dim=-1)
     if not getattr(owner, "keep_stacked_weights", False):
         return tuple(linear(x) for linear in linears)
-    kept = owner.__dict__.setdefault("_stacked_weights", {})  # id of the first linear -> (key, weight_t, bias)
+    # id of the first linear -> (version key, weight_t, bias)
+    kept = owner.__dict__.setdefault("_stacked_weights", {})
     key = tuple((id(t), t._version, t.device, t.dtype) for t in params)
     cached = kept.get(id(linears[0]))
     if cached is None or cached[0] != key:
