@@ -108,11 +108,13 @@ def main() -> None:
                 tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=generator)
                 batches.append((tokens[:, :-1], tokens[:, 1:]))
             peers = [("transformers", hf_next_token_loss, hf), ("xiaolm", next_token_loss, xiao)]
-            peers += [(f"xiaolm compiled ({how})", next_token_loss, compiled(xiao, how)) for how in args.compile]
+            peers += [(f"xiaolm compiled ({how})", next_token_loss, compiled(xiao, how))
+                      for how in args.compile]
             steps = {name: make_train_step(model, batches, precision, lr=1e-4, compute_loss=loss)
                      for name, loss, model in peers}
             if args.unfused:
-                steps["xiaolm unfused"] = unfused(make_train_step(copy.deepcopy(xiao), batches, precision, lr=1e-4))
+                unfused_copy = copy.deepcopy(xiao)
+                steps["xiaolm unfused"] = unfused(make_train_step(unfused_copy, batches, precision, lr=1e-4))
             # same weights, same batch: the first losses must agree, or the comparison is void
             first, first_s = {}, {}
             for name, step in steps.items():

@@ -1,5 +1,6 @@
 """FSDP2 under torchrun (gloo, CPU): the losses of one process with twice the batch, sharded
-checkpoints that resume exactly on 2 -> 1 -> 2 processes, and their conversion to a plain one."""
+checkpoints that resume exactly on 2 -> 1 -> 2 processes, their conversion to a plain one, and
+their checksums."""
 
 import json
 
@@ -8,7 +9,9 @@ import torch
 
 from xiaolm import checkpoint as ckpt
 from xiaolm.cli import main
+from xiaolm.train.runners import run_pretrain
 
+from conftest import tiny_model_config, tiny_train_config
 from test_ddp import TINY_FLAGS, read_losses, run_cli, write_sample_data
 
 
@@ -46,3 +49,22 @@ def test_fsdp_matches_one_process_and_resumes_across_world_sizes(tmp_path, token
     for loaded in (ckpt.load_model(plain).model, ckpt.load_model(tmp_path / "fsdp").model):
         for name, tensor in loaded.state_dict().items():
             torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_checkpoints_are_checksummed_and_a_damaged_shard_falls_back(tmp_path, tokenizer, shards):
+    """One process with --fsdp writes the sharded format too: its shards are in checksums.json, so a
+    changed shard is caught and --resume takes the previous checkpoint."""
+    cfg = tiny_train_config(tmp_path / "run", max_steps=4, save_every=2, eval_every=0, fsdp=True)
+    run_pretrain(tiny_model_config(), cfg, tokenizer, *shards)
+    newest = ckpt.resolve_checkpoint(tmp_path / "run")
+    listed = json.loads((newest / ckpt.CHECKSUMS_FILE).read_text())["files"]
+    shard_files = [name for name in listed if name.startswith(ckpt.SHARDED_DIR + "/")]
+    assert shard_files and ckpt.verify_checkpoint(newest)
+    damaged = newest / shard_files[-1]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte flipped, the size unchanged
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="checksum mismatch"):
+        ckpt.verify_checkpoint(newest)
+    point = ckpt.find_resume_point(tmp_path / "run", resume=True)
+    assert point.step == 2 and point.unusable == [newest]

@@ -32,6 +32,8 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
 def test_optimizer_name_is_checked():
     with pytest.raises(ValueError, match="optimizer must be adamw or muon"):
         TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="--fsdp with --optimizer muon is not supported"):
+        TrainConfig(fsdp=True, optimizer="muon")  # refused with the config, before any work
 
 
 def test_muon_trains(tmp_path, tokenizer, shards):

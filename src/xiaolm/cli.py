@@ -1,5 +1,6 @@
-"""The `xiaolm` command. Flags of model and training settings are generated from the config
-dataclasses (config.py), one flag per field, so they cannot drift from the configs."""
+"""The `xiaolm` command. Flags of model, training, LoRA, exam-scoring, sampling and server settings
+are generated from their config dataclasses (config.py; sampling: inference/sampling.py), one flag
+per field, so they cannot drift from the configs; the other flags are the commands' own."""
 
 from __future__ import annotations
 
@@ -221,8 +222,8 @@ def _add_chat_data_flags(parser: argparse.ArgumentParser, preference: bool = Fal
 
 
 def add_alignment_commands(commands) -> None:
-    """sft, dpo, distill, lora merge, export and chat (train/runners.py, model/lora.py, hf.py,
-    inference/chat.py)."""
+    """sft, dpo, distill, lora merge, checkpoint consolidate, export, import and chat
+    (train/runners.py, model/lora.py, checkpoint.py, interop/, inference/chat.py)."""
     sft = commands.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant tokens)")
     sft.add_argument("--from", dest="from_ckpt", type=Path, required=True, help="checkpoint or run folder to start from")
     _add_chat_data_flags(sft)
@@ -364,16 +365,17 @@ def tokenizer_stats(tokenizer, texts) -> dict[str, float]:
     """Characters and UTF-8 bytes per token: how much text one token carries."""
     from xiaolm.utils import batched
 
-    chars = num_bytes = tokens = docs = 0
+    num_chars = num_bytes = num_tokens = num_documents = 0
     for batch in batched(texts, 256):
         for doc, ids in zip(batch, tokenizer.encode_batch(batch)):
-            chars += len(doc)
+            num_chars += len(doc)
             num_bytes += len(doc.encode("utf-8"))
-            tokens += len(ids)
-            docs += 1
-    if tokens == 0:
+            num_tokens += len(ids)
+            num_documents += 1
+    if num_tokens == 0:
         raise ValueError("no text to evaluate the tokenizer on")
-    return {"documents": docs, "tokens": tokens, "chars_per_token": chars / tokens, "bytes_per_token": num_bytes / tokens}
+    return {"documents": num_documents, "tokens": num_tokens, "chars_per_token": num_chars / num_tokens,
+            "bytes_per_token": num_bytes / num_tokens}
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -503,47 +505,49 @@ def _alignment_train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_preset(args.preset, **config_overrides(args, TrainConfig))
 
 
-def _finish_alignment_run(result, args: argparse.Namespace) -> None:
+def _finish_alignment_run(result, cfg: TrainConfig) -> None:
     """Summary line and the run's report card, as every training command leaves."""
     from xiaolm.eval.report import render_report
 
     if result.num_steps > result.start_step:  # else the loop said there was nothing to train
         print(f"trained {result.num_steps} steps in {result.seconds:.0f} s; {result.last_eval}; "
               f"checkpoint {result.checkpoint}")
-    print(f"report card: {render_report(_alignment_train_config(args).out_dir)}")
+    print(f"report card: {render_report(cfg.out_dir)}")
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from xiaolm.train.runners import run_sft
 
-    result = run_sft(args.from_ckpt, args.data, _alignment_train_config(args), val_data=args.val_data,
-                     fmt=args.chat_format, pack=args.pack, truncate=args.truncate,
-                     val_fraction=args.val_fraction, skip_bad=args.skip_bad,
+    cfg = _alignment_train_config(args)
+    result = run_sft(args.from_ckpt, args.data, cfg, val_data=args.val_data, fmt=args.chat_format, pack=args.pack,
+                     truncate=args.truncate, val_fraction=args.val_fraction, skip_bad=args.skip_bad,
                      lora=_lora_config(args))
-    _finish_alignment_run(result, args)
+    _finish_alignment_run(result, cfg)
     return 0
 
 
 def cmd_dpo(args: argparse.Namespace) -> int:
     from xiaolm.train.runners import run_dpo
 
-    result = run_dpo(args.from_ckpt, args.data, _alignment_train_config(args), val_data=args.val_data,
-                     beta=args.beta, reference_checkpoint=args.ref, precompute_reference=args.precompute_ref,
-                     truncate=args.truncate,
-                     val_fraction=args.val_fraction, skip_bad=args.skip_bad, lora=_lora_config(args))
-    _finish_alignment_run(result, args)
+    cfg = _alignment_train_config(args)
+    result = run_dpo(args.from_ckpt, args.data, cfg, val_data=args.val_data, beta=args.beta,
+                     reference_checkpoint=args.ref, precompute_reference=args.precompute_ref,
+                     truncate=args.truncate, val_fraction=args.val_fraction, skip_bad=args.skip_bad,
+                     lora=_lora_config(args))
+    _finish_alignment_run(result, cfg)
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from xiaolm.train.runners import run_distill
 
-    result = run_distill(args.teacher, args.student, args.data, _alignment_train_config(args),
+    cfg = _alignment_train_config(args)
+    result = run_distill(args.teacher, args.student, args.data, cfg,
                          val_data=args.val_data, fmt=args.chat_format, pack=args.pack, truncate=args.truncate,
                          student_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})),
                          temperature=args.temperature, alpha=args.alpha, val_fraction=args.val_fraction,
                          skip_bad=args.skip_bad, lora=_lora_config(args))
-    _finish_alignment_run(result, args)
+    _finish_alignment_run(result, cfg)
     return 0
 
 

@@ -293,6 +293,9 @@ class TrainConfig:
             raise ValueError(f"train config: precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"train config: optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.fsdp and self.optimizer == "muon":
+            raise ValueError("--fsdp with --optimizer muon is not supported: Muon orthogonalises whole matrices, "
+                             "and FSDP leaves each process a shard of them; use --optimizer adamw or DDP")
         for name in ["warmup_steps", "eval_every", "save_every", "stop_after_steps", "weight_decay", "grad_clip",
                      "muon_momentum"]:
             if getattr(self, name) < 0:

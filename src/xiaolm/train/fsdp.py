@@ -24,7 +24,6 @@ from torch import nn
 from xiaolm.runtime import Runtime
 
 
-
 def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
     return list(getattr(optimizer, "optimizers", [optimizer]))
 
@@ -71,9 +70,7 @@ def load_sharded(folder: Path, model: nn.Module, optimizer) -> None:
                    optim_state_dict=state["optimizer"])
 
 
-def check_supported(optimizer_name: str, model: nn.Module) -> None:
-    if optimizer_name == "muon":
-        raise ValueError("--fsdp with --optimizer muon is not supported: Muon orthogonalises whole matrices, "
-                         "and FSDP leaves each process a shard of them; use --optimizer adamw or DDP")
+def check_supported(model: nn.Module) -> None:
+    """--fsdp shards a model block by block (the optimizer is checked with the config)."""
     if not hasattr(model, "layers"):
         raise ValueError(f"--fsdp: {type(model).__name__} has no `layers` to shard block by block")

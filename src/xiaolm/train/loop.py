@@ -155,7 +155,7 @@ def init_train_state(model: nn.Module, cfg: TrainConfig, runtime: Runtime,
         for block in model.layers:
             block.compile()
     if cfg.fsdp:  # before the optimizer exists: its state is created per shard
-        fsdp.check_supported(cfg.optimizer, model)
+        fsdp.check_supported(model)
         model = fsdp.shard_model(model, runtime)
     named = list(trainable(model) if trainable else model.named_parameters())
     optimizer = build_optimizer(named, cfg, runtime.device.type)
@@ -195,7 +195,9 @@ def train_step(state: TrainState, batches: Sequence[Batch], stage: Stage, cfg: T
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, each process holding its shards' part
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
     finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
     if state.scaler is not None:
         state.scaler.step(state.optimizer)  # skips the update itself when gradients overflowed
@@ -228,7 +230,8 @@ class RunLog:
     def __init__(self, run_dir: Path, cfg: TrainConfig, stage_name: str, start_step: int, is_main: bool,
                  configs: dict, model: nn.Module, runtime: Runtime) -> None:
         self.enabled = is_main
-        self.device, self.precision, self.world_size = runtime.device, runtime.precision, runtime.ctx.world_size
+        self.device, self.precision = runtime.device, runtime.precision
+        self.world_size = runtime.ctx.world_size
         self.path = run_dir / "metrics.jsonl"
         self.tensorboard = None
         self.wandb = None
@@ -337,7 +340,8 @@ def keep_metrics_until(run_dir: Path, step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(tmp, path)
-    print(f"metrics.jsonl: kept the {len(kept)} records up to step {step}; the steps after it are logged again")
+    print(f"metrics.jsonl: kept the {len(kept)} records up to step {step}; the steps after it are logged "
+          "again")
 
 
 def wrap_model(model: nn.Module, cfg: TrainConfig, runtime: Runtime) -> nn.Module:
@@ -425,11 +429,14 @@ def train(
             done = state.step
             if done % cfg.log_every == 0 or done == end_step:
                 # optional model and stage metrics (MoE expert load, DPO rewards); every rank all-reduces
-                extra = state.model.training_metrics(reduce) if hasattr(state.model, "training_metrics") else {}
+                extra = {}
+                if hasattr(state.model, "training_metrics"):
+                    extra = state.model.training_metrics(reduce)
                 if stage.metrics is not None:
                     extra = {**extra, **stage.metrics(reduce)}
                 log.train_record(state, metrics, extra)
-            if stage.evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == end_step):
+            eval_due = cfg.eval_every and (done % cfg.eval_every == 0 or done == end_step)
+            if stage.evaluate is not None and eval_due:
                 last_eval = evaluate(state, stage)
                 log.eval_record(done, last_eval)
             signum = stop.requested(runtime)  # the same on every process

@@ -4,6 +4,8 @@ Which parameters train (LoRA) and the loading around a stage are the runners' (t
 
 Every loss forwards the model with `return_aux_loss=True` and hands the model's auxiliary loss
 (MoE load balancing) back in its `StageLoss`; the loop adds it, so every stage trains with it.
+The next-token losses (pretraining, SFT) pass the targets to the model, which fuses its output
+head with the cross-entropy (model/loss.py); DPO and distillation need the logits themselves.
 
 Packed SFT keeps conversations apart with a block-diagonal causal attention mask built from
 per-token document ids. Positions are not reset per conversation: with RoPE, attention depends
@@ -187,8 +189,8 @@ def build_preference_data(pairs: Sequence[PreferencePair], tokenizer: XiaoTokeni
         if num_identical and not num_dropped:
             raise ValueError(f"all {num_identical} preference pairs have the same chosen and rejected reply: "
                              "there is no preference to learn")
-        raise ValueError(f"no preference pair fits in seq_len={max_len} ({num_dropped} dropped, {num_identical} "
-                         "with identical replies); raise --seq-len"
+        raise ValueError(f"no preference pair fits in seq_len={max_len} ({num_dropped} dropped, "
+                         f"{num_identical} with identical replies); raise --seq-len"
                          + (" or pass --truncate tokens" if truncate == "turns" else ""))
     return PreferenceData(examples, tokenizer.pad_id, num_dropped, num_identical)
 
@@ -285,8 +287,8 @@ class RewardMeter:
 
 def check_dpo_settings(beta: float) -> None:
     if not 0 < beta < math.inf:  # NaN fails too
-        raise ValueError(f"DPO beta must be a positive number (the strength of the pull towards the reference), "
-                         f"got {beta}")
+        raise ValueError("DPO beta must be a positive number (the strength of the pull towards the "
+                         f"reference), got {beta}")
 
 
 def dpo_stage(train_data: PreferenceData, val_data: PreferenceData | None, cfg: TrainConfig, *,
@@ -358,7 +360,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def check_distill_settings(temperature: float, alpha: float) -> None:
     if not temperature > 0 or not 0 <= alpha <= 1:  # `not >`: NaN too
-        raise ValueError(f"distillation needs temperature > 0 and alpha in [0, 1], got {temperature}, {alpha}")
+        raise ValueError(f"distillation needs temperature > 0 and alpha in [0, 1], got {temperature}, "
+                         f"{alpha}")
 
 
 def distill_stage(train_data: SftData, val_data: SftData | None, teacher: nn.Module, cfg: TrainConfig, *,
