@@ -240,6 +240,12 @@ def add_alignment_commands(commands) -> None:
     hf.add_argument("--keep-adapter", action="store_true",
                     help="LoRA checkpoint: write the base model and OUT/adapter (peft, transformers' module names) "
                          "instead of merging")
+    gguf = export.add_parser("gguf", help="one GGUF file for llama.cpp / ollama: weights, tokenizer, chat template "
+                             "(pip install 'xiaolm[gguf]')")
+    gguf.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones are merged)")
+    gguf.add_argument("--out", type=Path, required=True, help="the .gguf file to write (must not exist)")
+    gguf.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                      help="weight type; vectors (norms) stay f32 [f16]")
 
     chat = commands.add_parser("chat", help="multi-turn streaming chat with a checkpoint (stdin may be piped)")
     chat.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones merge on load)")
@@ -516,6 +522,12 @@ def cmd_lora(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.export_format == "gguf":
+        from xiaolm.interop.gguf_export import export_gguf
+
+        out = export_gguf(args.ckpt, args.out, dtype=args.dtype)
+        print(f"GGUF file ({args.dtype}) written to {out} ({out.stat().st_size / 1e6:.1f} MB)")
+        return 0
     from xiaolm.hf import export_hf
 
     out = export_hf(args.ckpt, args.out, keep_adapter=args.keep_adapter)
