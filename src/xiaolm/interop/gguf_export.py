@@ -137,10 +137,10 @@ def tokenizer_metadata(tokenizer, eos_id: int) -> dict[str, Any]:
 
 def pre_tokenizer_name(spec: dict[str, Any]) -> str:
     """llama.cpp names the text splitting a vocabulary was learned with instead of storing it;
-    xiaolm's is GPT-2's (the ByteLevel pre-tokenizer's regular expression), llama.cpp's `gpt2`."""
+    xiaolm's is GPT-2's (the ByteLevel pre-tokenizer's regular expression), llama.cpp's `gpt-2`."""
     pre = spec.get("pre_tokenizer") or {}
     if spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     raise ValueError(f"GGUF export: the tokenizer's pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp name")
 
 
