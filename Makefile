@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
+# the oldest transformers the [hf] extra allows (pyproject.toml): the interop tests also run under it,
+# in a second virtualenv, so an export is checked against both major versions
+HF_OLDEST_PIN := transformers==4.51.3
+HF_OLDEST_VENV ?= .venv-hf-oldest
+HF_TESTS := tests/test_interop.py tests/test_hf.py tests/test_tokenizer.py
 
 .PHONY: speedrun test install install-dev lint clean
 
@@ -21,18 +26,26 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
+$(HF_OLDEST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(HF_OLDEST_VENV)
+	$(HF_OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(HF_OLDEST_VENV)/bin/python -m pip install -q $(TORCH_PIN)
+	$(HF_OLDEST_VENV)/bin/python -m pip install -q -e . '$(HF_OLDEST_PIN)' 'peft>=0.13' 'pytest>=8' 'hypothesis>=6'
+	touch $@
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 speedrun: install
 	$(BIN)/xiaolm speedrun $(ARGS)
 
-test: install-dev
+test: install-dev $(HF_OLDEST_VENV)/.installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
+	$(HF_OLDEST_VENV)/bin/python -m pytest -p no:cacheprovider $(HF_TESTS)
 
 lint: install-dev
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(HF_OLDEST_VENV) .pytest_cache

@@ -21,16 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from xiaolm.config import ModelConfig
-from xiaolm.hf import build_llama
+from xiaolm.interop.hf_export import build_hf_model
 from xiaolm.model.transformer import Transformer
 from xiaolm.train.stages import add_aux_loss
 
 
 def build_hf_llama(config: ModelConfig, source: Transformer | None = None):
-    """transformers' LlamaForCausalLM with xiaolm's shape and SDPA attention (xiaolm/hf.py, the
+    """transformers' LlamaForCausalLM with xiaolm's shape and SDPA attention (interop/hf_export.py, the
     export's own mapping); with `source`, its weights are copied over so both models compute the
     same function."""
-    return build_llama(config, source.state_dict() if source is not None else None)
+    return build_hf_model(config, source)
 
 
 def make_train_step(forward, model, optimizer, batches, precision: str) -> Callable[[], float]:

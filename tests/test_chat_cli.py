@@ -44,8 +44,8 @@ def test_session_records_how_a_reply_ended(tokenizer):
         model.norm.weight.zero_()
         model.norm.weight[0] = 1.0
         model.lm_head.weight.zero_()
-        model.lm_head.weight[tokenizer.im_end_id, 0] = 1.0
-    assert "".join(session.reply("hi")) == "" and session.last_stop_id == tokenizer.im_end_id and session.last_stopped
+        model.lm_head.weight[tokenizer.end_of_turn_id, 0] = 1.0
+    assert "".join(session.reply("hi")) == "" and session.last_stop_id == tokenizer.end_of_turn_id and session.last_stopped
     with torch.no_grad():
         model.lm_head.weight.zero_()  # all logits equal: greedy takes id 0, <|endoftext|>
     list(session.reply("hi"))

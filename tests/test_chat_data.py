@@ -10,7 +10,7 @@ from xiaolm.data.chat_tokens import IGNORE_INDEX, build_sft_data, tokenize_conve
 from xiaolm.data.corpus import build_chat_data
 from xiaolm.data.readers import BadRecordError, ReadStats
 from xiaolm.model.transformer import document_mask
-from xiaolm.tokenizer.bpe import IM_END, render_chat
+from xiaolm.tokenizer.bpe import IM_END
 
 from conftest import SAMPLE
 
@@ -84,7 +84,7 @@ def test_preference_formats():
 
 def test_mask_covers_exactly_the_assistant_tokens(tokenizer):
     ids, supervised = tokenize_conversation(tokenizer, EXPECTED)
-    assert ids == tokenizer.encode(render_chat(EXPECTED))  # the template in the tokenizer, one place
+    assert ids == tokenizer.encode(tokenizer.render_chat(EXPECTED))  # the template in the tokenizer, one place
     # token by token: the supervised tokens are the assistant contents, each closed by <|im_end|>
     runs, current = [], []
     for token, flag in zip(ids, supervised):
@@ -120,13 +120,13 @@ def test_truncation_keeps_whole_replies_or_cuts_tokens(tokenizer):
     assert tokenizer.decode(supervised) == "ok" + IM_END
     used = int((turns.doc_ids[0] >= 0).sum())
     assert tokenizer.decode(turns.inputs[0, :used].tolist() + [turns.targets[0, used - 1].item()]) == \
-        render_chat(two_turns[:2]).rstrip("\n")
+        tokenizer.render_chat(two_turns[:2]).rstrip("\n")
     # "tokens": both cut at 49 tokens, mid-reply, with no end token on the long replies
     tokens = build_sft_data([two_turns, one_long], tokenizer, seq_len=48, pack=False, truncate="tokens")
     assert tokens.num_rows == 2 and tokens.stats.num_dropped == 0, tokens.stats
     counts = sorted(int((row != IGNORE_INDEX).sum()) for row in tokens.targets)
     assert counts[0] > len(tokenizer.encode("ok")) + 1 and counts[1] > 20  # both keep part of the long reply
-    assert (tokens.targets == tokenizer.im_end_id).sum() == 1  # only "ok"'s end survives
+    assert (tokens.targets == tokenizer.end_of_turn_id).sum() == 1  # only "ok"'s end survives
     with pytest.raises(ValueError, match="--truncate tokens"):
         build_sft_data([one_long], tokenizer, seq_len=48)
     with pytest.raises(ValueError, match="truncate='middle'"):
@@ -145,7 +145,7 @@ def test_packing_keeps_conversations_apart(tokenizer):
         docs = packed.doc_ids[row]
         ends = (docs[1:] != docs[:-1]).nonzero().flatten()
         for end in ends.tolist():
-            assert packed.targets[row, end] in (IGNORE_INDEX, tokenizer.im_end_id)
+            assert packed.targets[row, end] in (IGNORE_INDEX, tokenizer.end_of_turn_id)
     mask = document_mask(torch.tensor([[0, 0, 1, 1, -1]]))[0, 0]
     assert mask.tolist() == [[True, False, False, False, False], [True, True, False, False, False],
                              [False, False, True, False, False], [False, False, True, True, False],

@@ -41,9 +41,9 @@ def test_long_replies_are_kept_whole_or_cut(tokenizer):
     long_pair = PreferencePair([{"role": "user", "content": "讲个故事"}], chosen="从前有座山。" * 30, rejected="不讲")
     kept = build_preference_data([PAIR, long_pair], tokenizer, max_len=64)  # "turns": whole replies only
     assert kept.num_pairs == 1 and kept.num_dropped == 1
-    assert all(reply[-1] == tokenizer.im_end_id for reply in kept.examples[0][1:])
+    assert all(reply[-1] == tokenizer.end_of_turn_id for reply in kept.examples[0][1:])
     cut = build_preference_data([PAIR, long_pair], tokenizer, max_len=64, truncate="tokens")
-    assert cut.num_pairs == 2 and cut.examples[1][1][-1] != tokenizer.im_end_id
+    assert cut.num_pairs == 2 and cut.examples[1][1][-1] != tokenizer.end_of_turn_id
     assert all(len(prompt) + len(reply) <= 65 for prompt, *replies in cut.examples for reply in replies)
 
 

@@ -100,7 +100,7 @@ def test_ceval_layout_parsing_kshot_prompt_and_test_submission(tmp_path, tokeniz
     prompt = build_prompt(math_q[0], exam, "letter", num_shots=1, explanations=True)
     assert prompt == ("以下是中国关于数学考试的单项选择题，请选出其中的正确答案。\n\n1+1=?\nA. 1\nB. 2\nC. 3\nD. 4\n"
                       "答案：B\n解析：一加一等于二\n\n2+2=?\nA. 3\nB. 4\nC. 5\nD. 6\n答案：")
-    chat = build_prompt(math_q[0], exam, "letter", chat=True)
+    chat = build_prompt(math_q[0], exam, "letter", chat=tokenizer)
     assert chat.startswith("<|im_start|>user\n") and chat.endswith("<|im_start|>assistant\n答案：")
 
     test = load_exam(tmp_path, "test")

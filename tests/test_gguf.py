@@ -9,6 +9,10 @@ from xiaolm.cli import build_parser, main
 from xiaolm.interop import gguf_export
 from xiaolm.interop.gguf_export import DTYPES, export_gguf, gguf_architecture
 
+from xiaolm.checkpoint import write_model_folder
+from xiaolm.config import to_dict
+from xiaolm.model.transformer import Transformer
+
 from chat_helpers import make_checkpoint
 from conftest import tiny_model_config
 
@@ -61,6 +65,32 @@ def test_transformers_reads_the_export_as_the_same_model(tmp_path, checkpoint, r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # no temporary file left
 
 
+def perturbed_checkpoint(directory, tokenizer, **overrides):
+    """A tiny model whose every weight is random, biases and norms too (zero biases and unit norms
+    would hide a misplaced one)."""
+    model = Transformer(tiny_model_config(vocab_size=tokenizer.vocab_size, **overrides))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    write_model_folder(directory, model, tokenizer, {"model": to_dict(model.config)})
+    return directory, model
+
+
+@pytest.mark.parametrize("architecture, overrides", [
+    ("Qwen2ForCausalLM", dict(qkv_bias=True, tie_embeddings=False)),
+    # transformers' GGUF loader reads no head_dim for qwen3 and takes Qwen3's 128 (xiaolm's import reads it)
+    ("Qwen3ForCausalLM", dict(qk_norm=True, head_dim=128, rope_scaling="ntk", rope_scaling_factor=2.0)),
+])
+def test_qwen_shapes_export_as_llama_cpps_qwen2_and_qwen3(tmp_path, tokenizer, architecture, overrides):
+    checkpoint, model = perturbed_checkpoint(tmp_path / "ckpt", tokenizer, **overrides)
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 24))
+    with torch.no_grad():
+        expected = model.eval()(ids)
+    hf, logits = transformers_logits(export_gguf(checkpoint, tmp_path / "m.gguf", dtype="f32"), ids)
+    assert type(hf).__name__ == architecture
+    torch.testing.assert_close(logits, expected, atol=TOLERANCE["f32"], rtol=0)
+
+
 def test_without_the_rotary_permutation_the_logits_differ(tmp_path, checkpoint, reference, monkeypatch):
     """The check above is sensitive to llama.cpp's q/k row order: leave it out and it fails."""
     monkeypatch.setattr(gguf_export, "permute_rotary_rows", lambda weight, num_heads: weight)
@@ -88,8 +118,8 @@ def test_rounded_exports_stay_close(tmp_path, checkpoint, reference, dtype):
 def test_what_gguf_cannot_hold_is_refused(tmp_path, checkpoint):
     with pytest.raises(ValueError, match="Mixture-of-Experts"):
         gguf_architecture(tiny_model_config(num_experts=4, num_experts_per_token=2))
-    with pytest.raises(ValueError, match="qk_norm"):
-        gguf_architecture(tiny_model_config(qk_norm=True))
+    with pytest.raises(ValueError, match="rope_scaling='dynamic' is not exported"):
+        gguf_architecture(tiny_model_config(rope_scaling="dynamic", rope_scaling_factor=2.0))
     with pytest.raises(ValueError, match="dtype 'q4_0'"):
         export_gguf(checkpoint, tmp_path / "m.gguf", dtype="q4_0")
     command = ["export", "gguf", "--ckpt", "c", "--out", "o"]
@@ -98,11 +128,15 @@ def test_what_gguf_cannot_hold_is_refused(tmp_path, checkpoint):
         build_parser().parse_args(command + ["--dtype", "q4_0"])
 
 
-def test_llama_cpp_computes_the_same_logits(tmp_path, checkpoint, tokenizer):
+@pytest.mark.parametrize("overrides", [
+    {}, dict(qkv_bias=True), dict(qk_norm=True, head_dim=32), dict(rope_scaling="linear", rope_scaling_factor=4.0),
+], ids=["llama", "qwen2", "qwen3", "linear-rope"])
+def test_llama_cpp_computes_the_same_logits(tmp_path, tokenizer, overrides):
     """llama.cpp itself, when its Python binding is installed (it builds from source: docs/gguf.md)."""
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python is not installed (no wheel; it builds from source in about "
                             "18 minutes, see docs/gguf.md)")
+    checkpoint, model = perturbed_checkpoint(tmp_path / "ckpt", tokenizer, **overrides)
     out = export_gguf(checkpoint, tmp_path / "m.gguf", dtype="f32")
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False)
     ids = tokenizer.encode(TEXT)[:48]
@@ -110,6 +144,6 @@ def test_llama_cpp_computes_the_same_logits(tmp_path, checkpoint, tokenizer):
     llm.eval(ids)
     logits = torch.tensor(llm.scores[: len(ids)])
     with torch.no_grad():
-        expected = load_model(checkpoint).model(torch.tensor([ids]))[0]
+        expected = model.eval()(torch.tensor([ids]))[0]
     torch.testing.assert_close(logits, expected, atol=1e-3, rtol=0)
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))

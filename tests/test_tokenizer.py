@@ -2,12 +2,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xiaolm.tokenizer.bpe import CHAT_TEMPLATE, SPECIAL_TOKENS, load_tokenizer, render_chat, train_tokenizer
+from xiaolm.tokenizer.bpe import CHAT_TEMPLATE, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
 
 def test_special_token_ids(tokenizer):
     assert [tokenizer.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
-    assert tokenizer.eos_id == 0 and tokenizer.im_start_id == 1 and tokenizer.im_end_id == 2
+    assert tokenizer.eos_id == 0 and tokenizer.end_of_turn_id == 2 and tokenizer.stop_ids == (2, 0)
+    assert tokenizer.bos_id is None and not tokenizer.add_bos and tokenizer.pad_id == 0
 
 
 @settings(max_examples=300, deadline=None)
@@ -21,7 +22,7 @@ def test_round_trip_any_unicode(tokenizer, text):
 def test_round_trip_with_special_tokens_in_text(tokenizer):
     text = f"{SPECIAL_TOKENS[1]}user\n你好{SPECIAL_TOKENS[2]}\n"
     ids = tokenizer.encode(text)
-    assert tokenizer.im_start_id in ids and tokenizer.im_end_id in ids
+    assert 1 in ids and tokenizer.end_of_turn_id in ids
     assert tokenizer.decode(ids) == text
 
 
@@ -51,8 +52,8 @@ def test_hf_autotokenizer_loads_and_renders_chat(tokenizer, tokenizer_dir):
     ]
     for add_generation_prompt in (False, True):
         rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        assert rendered == render_chat(messages, add_generation_prompt=add_generation_prompt)
-    text = render_chat(messages, add_generation_prompt=True)
+        assert rendered == tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.render_chat(messages, add_generation_prompt=True)
     assert hf(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
     assert hf.eos_token == "<|im_end|>" and hf.pad_token == "<|endoftext|>"
     assert "im_start" in CHAT_TEMPLATE

@@ -177,8 +177,26 @@ class LoadedModel:
     layers then hold the base weights and the adapters (model/lora.py)."""
 
 
+def detect_format(path: str | Path) -> str:
+    """What `path` holds: "xiaolm" (a checkpoint, run or checkpoints folder) or "hf" (a transformers
+    model folder: config.json with a model_type). New formats are recognised here (a .gguf file next)."""
+    path = Path(path)
+    if path.is_file():
+        raise ValueError(f"{path}: a file; expected a checkpoint, run or transformers model folder")
+    config = path / CONFIG_FILE
+    if config.is_file() and not (path / STATE_FILE).exists():
+        try:
+            fields = json.loads(config.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config}: not JSON ({error})") from error
+        if "model_type" in fields and "model" not in fields:
+            return "hf"
+    return "xiaolm"
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge_lora: bool = True) -> LoadedModel:
-    """Load a checkpoint folder, a run folder (its latest checkpoint) or an exported model.
+    """Load a checkpoint folder, a run folder (its latest checkpoint) or a transformers model folder
+    (imported on the fly, interop/hf_import.py: `xiaolm export hf` output, Llama / Qwen2 / Qwen3).
 
     A LoRA checkpoint (config.json has a "lora" section) comes with its adapters merged into the
     weights, so every command takes one; `merge_lora=False` keeps them as separate layers.
@@ -186,15 +204,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge_lo
     """
     from xiaolm.runtime import resolve_device
 
+    device = resolve_device(device) if isinstance(device, str) else device
+    if detect_format(path) == "hf":
+        from xiaolm.interop.hf_import import load_hf
+
+        model, tokenizer, configs = load_hf(path)
+        return LoadedModel(model.to(device), model.config, tokenizer, configs, Path(path))
     checkpoint = resolve_checkpoint(path)
     configs = read_configs(checkpoint)
     if "model" not in configs:
         raise ValueError(f"{checkpoint / CONFIG_FILE}: no 'model' section; not a xiaolm checkpoint")
     config = from_dict(ModelConfig, configs["model"])
     tokenizer = load_tokenizer(checkpoint)
-    if tokenizer.vocab_size != config.vocab_size:
+    if tokenizer.vocab_size > config.vocab_size:  # fewer is fine: imported embeddings are often padded
         raise ValueError(
-            f"{checkpoint}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {config.vocab_size}"
+            f"{checkpoint}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
         )
     model, peft_model = Transformer(config), None
     if "lora" in configs:
@@ -207,7 +231,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge_lo
             model, peft_model = merge(peft_model).requires_grad_(True), None
     else:
         load_weights(model, checkpoint / MODEL_FILE)
-    device = resolve_device(device) if isinstance(device, str) else device
     model.to(device).eval()
     return LoadedModel(model, config, tokenizer, configs, checkpoint, peft_model)
 

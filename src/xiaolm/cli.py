@@ -4,6 +4,7 @@ dataclasses (config.py), one flag per field, so they cannot drift from the confi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import MISSING, fields
@@ -234,7 +235,8 @@ def add_alignment_commands(commands) -> None:
 
     export = commands.add_parser("export", help="write a checkpoint in another library's format").add_subparsers(
         dest="export_format", required=True)
-    hf = export.add_parser("hf", help="a transformers LlamaForCausalLM folder (pip install 'xiaolm[hf]')")
+    hf = export.add_parser("hf", help="a transformers model folder: Llama, Qwen2, Qwen3, Mixtral or Qwen3-MoE, "
+                                      "whichever computes the same (pip install 'xiaolm[hf]')")
     hf.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones are merged)")
     hf.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
     hf.add_argument("--keep-adapter", action="store_true",
@@ -246,6 +248,13 @@ def add_alignment_commands(commands) -> None:
     gguf.add_argument("--out", type=Path, required=True, help="the .gguf file to write (must not exist)")
     gguf.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                       help="weight type; vectors (norms) stay f32 [f16]")
+
+    imports = commands.add_parser("import", help="turn another library's model into a xiaolm checkpoint").add_subparsers(
+        dest="import_format", required=True)
+    import_hf = imports.add_parser("hf", help="a transformers model folder of the Llama, Qwen2 or Qwen3 family "
+                                              "(safetensors weights, tokenizer.json, chat template)")
+    import_hf.add_argument("folder", type=Path, help="the transformers model folder")
+    import_hf.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (must not exist)")
 
     chat = commands.add_parser("chat", help="multi-turn streaming chat with a checkpoint (stdin may be piped)")
     chat.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones merge on load)")
@@ -398,8 +407,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
     if args.eval_command == "build-exams":
         from xiaolm.eval.exams import build_exams
 
@@ -528,10 +535,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_gguf(args.ckpt, args.out, dtype=args.dtype)
         print(f"GGUF file ({args.dtype}) written to {out} ({out.stat().st_size / 1e6:.1f} MB)")
         return 0
-    from xiaolm.hf import export_hf
+    from xiaolm.interop.hf_export import export_hf
 
     out = export_hf(args.ckpt, args.out, keep_adapter=args.keep_adapter)
-    print(f"transformers model written to {out}" + (f" (adapter: {out / 'adapter'})" if args.keep_adapter else ""))
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"transformers {architecture} written to {out}"
+          + (f" (adapter: {out / 'adapter'})" if args.keep_adapter else ""))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from xiaolm.interop.hf_import import import_hf
+
+    out = import_hf(args.folder, args.out)
+    print(f"xiaolm checkpoint written to {out}")
     return 0
 
 
@@ -550,6 +567,7 @@ COMMANDS = {
     "distill": cmd_distill,
     "lora": cmd_lora,
     "export": cmd_export,
+    "import": cmd_import,
     "chat": cmd_chat,
     "data": cmd_data,
     "tokenizer": cmd_tokenizer,

@@ -37,10 +37,29 @@ class ModelConfig:
     intermediate_size: int = doc(
         "Hidden width of the SwiGLU feed-forward; 0 means 8/3 * hidden_size rounded up to 64.", 0
     )
+    head_dim: int = doc("Width of each attention head; 0 means hidden_size / num_heads (Qwen3 sets it apart).", 0)
     max_seq_len: int = doc("Longest context the model is built for (RoPE table, KV cache).", 512)
     rope_theta: float = doc("RoPE base frequency.", 1e6)
+    rope_scaling: str = doc(
+        "RoPE scaling to run past the trained context: none | linear (positions / factor) | ntk (NTK-aware, "
+        "fixed: a larger base) | dynamic (NTK-aware, base grown with the length past the trained context) | "
+        "yarn | llama3 (Llama 3.1's per-frequency scaling).", "none"
+    )
+    rope_scaling_factor: float = doc("Context extension factor of --rope-scaling.", 1.0)
+    rope_original_max_seq_len: int = doc(
+        "Context the model was trained at before scaling (dynamic, yarn, llama3); 0 means max_seq_len.", 0
+    )
+    rope_yarn_beta_fast: float = doc("YaRN: rotations within the trained context above which a frequency "
+                                     "keeps its value (extrapolates).", 32.0)
+    rope_yarn_beta_slow: float = doc("YaRN: rotations below which a frequency is interpolated by the factor.", 1.0)
+    rope_attention_factor: float = doc(
+        "YaRN: scale of cos/sin (softmax temperature); 0 means 0.1 * ln(factor) + 1.", 0.0
+    )
+    rope_low_freq_factor: float = doc("llama3: wavelengths above original / this are interpolated.", 1.0)
+    rope_high_freq_factor: float = doc("llama3: wavelengths below original / this keep their value.", 4.0)
     norm_eps: float = doc("Epsilon of RMSNorm.", 1e-5)
     tie_embeddings: bool = doc("Share the input embedding with the output projection.", True)
+    qkv_bias: bool = doc("Bias on the query, key and value projections (Qwen2).", False)
     qk_norm: bool = doc("RMSNorm on each head's queries and keys before RoPE (Qwen3/OLMo2 style).", False)
     dropout: float = doc("Dropout on attention output and MLP output; 0 for pretraining.", 0.0)
     init_std: float = doc("Standard deviation of the normal initialisation.", 0.02)
@@ -65,6 +84,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.intermediate_size == 0:
             self.intermediate_size = _multiple_of(self.hidden_size * 8 / 3, 64)
+        if self.head_dim == 0 and self.num_heads > 0:
+            self.head_dim = self.hidden_size // self.num_heads
         if self.num_experts > 0 and self.moe_intermediate_size == 0:
             self.moe_intermediate_size = self.intermediate_size
         self.validate()
@@ -74,9 +95,12 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
+        if self.head_dim <= 0:
+            raise ValueError(f"model config: head_dim must be positive, got {self.head_dim}")
+        if self.head_dim * self.num_heads != self.hidden_size and self.head_dim == self.hidden_size // self.num_heads:
             raise ValueError(
-                f"model config: num_heads={self.num_heads} must divide hidden_size={self.hidden_size}"
+                f"model config: num_heads={self.num_heads} must divide hidden_size={self.hidden_size} "
+                "(or set head_dim explicitly)"
             )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -86,7 +110,25 @@ class ModelConfig:
             raise ValueError(f"model config: head_dim={self.head_dim} must be even for RoPE")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        self._validate_rope_scaling()
         self._validate_moe()
+
+    def _validate_rope_scaling(self) -> None:
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"model config: rope_scaling must be one of {list(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
+        if self.rope_scaling == "none":
+            return
+        if self.rope_scaling_factor < 1.0:
+            raise ValueError(f"model config: rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}")
+        if self.rope_original_max_seq_len < 0:
+            raise ValueError("model config: rope_original_max_seq_len must be >= 0")
+        if self.rope_scaling == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError("model config: rope_low_freq_factor must be below rope_high_freq_factor")
+
+    @property
+    def original_max_seq_len(self) -> int:
+        """The trained context that RoPE scaling extends (max_seq_len when not set)."""
+        return self.rope_original_max_seq_len or self.max_seq_len
 
     def _validate_moe(self) -> None:
         if self.num_experts < 0 or self.num_shared_experts < 0 or self.moe_intermediate_size < 0:
@@ -114,16 +156,14 @@ class ModelConfig:
         if self.moe_aux_loss_coef < 0 or self.moe_bias_update_rate < 0:
             raise ValueError("model config: moe_aux_loss_coef and moe_bias_update_rate must be >= 0")
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in MODEL_PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
         return cls(**{**MODEL_PRESETS[name], **overrides})
 
+
+ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # a few million parameters: learns Chinese phrases in minutes on 2 CPU cores

@@ -1,7 +1,8 @@
 """Chat data as token rows: the assistant-only loss mask, truncation to whole replies, packing.
 
 SFT renders each conversation with the tokenizer's chat template and supervises each assistant
-turn's content and closing ``<|im_end|>`` only (:func:`tokenize_conversation`). A conversation
+turn's reply and closing end-of-turn token (``<|im_end|>``, Llama 3's ``<|eot_id|>``) only
+(:func:`tokenize_conversation`). A conversation
 too long for the sequence keeps its leading turns up to the last whole reply, or is cut mid-reply
 with ``truncate="tokens"`` (:func:`truncate_conversation`); DPO pairs follow the same rule
 (:func:`tokenize_preference`). Short conversations are packed into rows whose per-token document
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from xiaolm.data.chat_formats import Message, PreferencePair
-from xiaolm.tokenizer.bpe import IM_END, XiaoTokenizer, render_chat
+from xiaolm.tokenizer.bpe import XiaoTokenizer
 
 IGNORE_INDEX = -100
 
@@ -24,19 +25,30 @@ IGNORE_INDEX = -100
 def tokenize_conversation(tokenizer: XiaoTokenizer, messages: list[Message]) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether it is supervised.
 
-    The text comes from the tokenizer's chat template (`render_chat`) and is encoded in one
-    piece, so the ids are exactly what inference sees. Supervised: each assistant turn's content
-    and its closing <|im_end|>; never the role header, system or user turns.
+    The text comes from the tokenizer's chat template and is encoded in one piece, so the ids are
+    exactly what inference sees. Supervised: each assistant turn's reply, from the end of its
+    header to its end-of-turn token included (ChatML: the content and <|im_end|>); never a header,
+    a system or user turn. The reply of assistant turn i starts where the conversation up to turn i
+    rendered with the generation prompt ends, so any template that renders a conversation's
+    beginning as it renders the whole works (Qwen's default system prompt, Llama 3's headers and BOS).
     """
-    text, spans, position = "", [], 0
-    for message in messages:
-        piece = render_chat([message])
-        if message["role"] == "assistant":
-            start = position + piece.index("\n") + 1  # after "<|im_start|>assistant\n"
-            spans.append((start, start + len(message["content"]) + len(IM_END)))
-        text += piece
-        position += len(piece)
-    assert text == render_chat(messages)  # the template renders message by message
+    text = tokenizer.render_chat(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = tokenizer.render_chat(messages[:i], add_generation_prompt=True)
+        start = len(prefix)
+        if not text.startswith(prefix):
+            raise ValueError(f"chat template: the conversation up to turn {i + 1} with the generation prompt is not "
+                             "how the whole conversation begins; cannot tell the assistant's tokens apart")
+        content = message["content"].strip()  # templates may trim it (Llama 3)
+        found = text.find(content, start)
+        if found < 0:
+            raise ValueError(f"chat template: assistant turn {i + 1}'s content is not in the rendered conversation")
+        end = found + len(content)
+        end_of_turn = text.find(tokenizer.end_of_turn, end)
+        spans.append((start, end_of_turn + len(tokenizer.end_of_turn) if end_of_turn >= 0 else end))
     encoding = tokenizer.tokenizer.encode(text, add_special_tokens=False)
     supervised = []
     for begin, end in encoding.offsets:
@@ -56,15 +68,17 @@ def _check_truncate(policy: str) -> None:
 def tokenize_preference(tokenizer: XiaoTokenizer, pair: PreferencePair, max_len: int, truncate: str = "turns"
                         ) -> tuple[list[int], list[int], list[int]] | None:
     """(prompt ids, chosen ids, rejected ids) fitted into max_len tokens each, or None if the pair
-    cannot be fitted. The reply ids end with <|im_end|>; the prompt ends with the generation header.
+    cannot be fitted. The reply ids end with the end-of-turn token; the prompt ends with the generation
+    header. The reply ids are the supervised tokens of the prompt and reply rendered together, so they
+    are exactly what SFT trains on.
 
     A long prompt loses its oldest tokens first, keeping at least a quarter of max_len (or all of
     it, if shorter). "turns": both replies must then fit whole, end token included, or the pair is
     dropped, as in SFT. "tokens": replies are cut to what is left (the prompt keeps at least half).
     """
     _check_truncate(truncate)
-    prompt = tokenizer.encode(render_chat(pair.prompt, add_generation_prompt=True))
-    replies = [tokenizer.encode(reply) + [tokenizer.im_end_id] for reply in (pair.chosen, pair.rejected)]
+    prompt = tokenizer.encode(tokenizer.render_chat(pair.prompt, add_generation_prompt=True))
+    replies = [_reply_ids(tokenizer, pair.prompt, reply, prompt) for reply in (pair.chosen, pair.rejected)]
     longest = max(len(r) for r in replies)
     if len(prompt) + longest > max_len:
         if truncate == "turns":
@@ -80,11 +94,19 @@ def tokenize_preference(tokenizer: XiaoTokenizer, pair: PreferencePair, max_len:
     return prompt, replies[0], replies[1]
 
 
+def _reply_ids(tokenizer: XiaoTokenizer, prompt: list[Message], reply: str, prompt_ids: list[int]) -> list[int]:
+    ids, supervised = tokenize_conversation(tokenizer, [*prompt, {"role": "assistant", "content": reply}])
+    if ids[:len(prompt_ids)] != prompt_ids:
+        raise ValueError("chat template: the reply's first token merges with the assistant header")
+    last = max(i for i, flag in enumerate(supervised) if flag)
+    return ids[len(prompt_ids):last + 1]
+
+
 def truncate_conversation(ids: list[int], supervised: list[bool], max_tokens: int, end_id: int,
                           policy: str = "turns") -> tuple[list[int], list[bool]]:
     """Fit a tokenized conversation into max_tokens.
 
-    "turns": keep the leading turns up to the last assistant reply that ends, <|im_end|> included,
+    "turns": keep the leading turns up to the last assistant reply that ends, its end token included,
     within max_tokens; nothing if even the first reply does not fit. The model then never learns
     from a reply that runs off the end without its end token, which is what teaches a small model
     to stop. "tokens": cut at max_tokens, mid-reply if need be.
@@ -144,7 +166,7 @@ def build_sft_data(conversations: list[list[Message]], tokenizer: XiaoTokenizer,
         ids, supervised = tokenize_conversation(tokenizer, messages)
         if len(ids) > seq_len + 1:
             stats.num_truncated += 1
-            ids, supervised = truncate_conversation(ids, supervised, seq_len + 1, tokenizer.im_end_id, truncate)
+            ids, supervised = truncate_conversation(ids, supervised, seq_len + 1, tokenizer.end_of_turn_id, truncate)
         targets = [t if s else IGNORE_INDEX for t, s in zip(ids[1:], supervised[1:])]
         num_supervised = sum(t != IGNORE_INDEX for t in targets)
         if num_supervised == 0:
@@ -168,7 +190,7 @@ def build_sft_data(conversations: list[list[Message]], tokenizer: XiaoTokenizer,
         else:
             rows.append([example])
             used = len(example[0])
-    inputs = torch.full((len(rows), seq_len), tokenizer.eos_id, dtype=torch.long)
+    inputs = torch.full((len(rows), seq_len), tokenizer.pad_id, dtype=torch.long)
     targets = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
     doc_ids = torch.full((len(rows), seq_len), -1, dtype=torch.int32)
     for r, row in enumerate(rows):

@@ -39,7 +39,10 @@ def fingerprint_paths(paths: Iterable[str | Path]) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: XiaoTokenizer) -> str:
-    return hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()
+    digest = hashlib.sha256(tokenizer.tokenizer.to_str().encode())
+    if not tokenizer.is_native:  # how an imported tokenizer starts and ends documents changes the shards too
+        digest.update(repr(tokenizer.document_ids([])).encode())
+    return digest.hexdigest()
 
 
 def write_shards(
@@ -86,7 +89,7 @@ def write_shards(
         for text, ids in zip(batch, tokenizer.encode_batch(batch)):
             total_bytes += len(text.encode("utf-8"))
             doc_starts.append(buffered)
-            ids.append(tokenizer.eos_id)  # every document ends with <|endoftext|>
+            ids = tokenizer.document_ids(ids)  # xiaolm's: the text, then <|endoftext|>
             buffer.append(np.asarray(ids, dtype=np.int64))
             buffered += len(ids)
             if buffered >= shard_tokens:  # shards end on document boundaries

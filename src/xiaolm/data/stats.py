@@ -1,11 +1,12 @@
 """Token lengths of a data set, to choose a sequence length (`xiaolm data stats`).
 
 Pretraining text: tokens per document, and how many documents fit whole in one window of
-`seq_len` tokens with the <|endoftext|> that ends each (longer ones are split across windows).
+`seq_len` tokens with the document-end token that ends each (and the BOS that starts each, for a
+model that uses one; longer documents are split across windows).
 
 Chat data: per conversation, as SFT renders it with the chat template (data/chat_tokens.py):
 - prompt: the tokens without loss (system and user turns, role headers);
-- reply: the tokens with loss (each assistant reply and its closing <|im_end|>);
+- reply: the tokens with loss (each assistant reply and its end-of-turn token, <|im_end|>);
 - conversation: all of them.
 and, for each `seq_len`, how many conversations SFT keeps whole, how many it cuts to their leading
 turns (the default `--truncate turns`), and how many it drops for want of one whole reply.
@@ -83,7 +84,7 @@ def chat_lengths(paths: Sequence[str | Path], tokenizer: XiaoTokenizer, seq_lens
             # SFT trains on ids[:-1] -> ids[1:]: a row of n positions holds n + 1 tokens
             if len(ids) <= n + 1:
                 fits[n]["whole"] += 1
-            elif truncate_conversation(ids, supervised, n + 1, tokenizer.im_end_id, "turns")[0]:
+            elif truncate_conversation(ids, supervised, n + 1, tokenizer.end_of_turn_id, "turns")[0]:
                 fits[n]["cut to whole turns"] += 1
             else:
                 fits[n]["dropped"] += 1
@@ -105,8 +106,9 @@ def data_stats(paths: Sequence[str | Path], tokenizer: XiaoTokenizer, *, kind: s
         lengths, fits = chat_lengths(paths, tokenizer, seq_lens, fmt=fmt, skip_bad=skip_bad, stats=stats)
     else:
         lengths = text_lengths(paths, tokenizer, text_field=text_field, skip_bad=skip_bad, stats=stats)
-        # a pretraining window of n positions holds n + 1 tokens; a document takes its own plus <|endoftext|>
-        document = lengths["document"] + 1
+        # a pretraining window of n positions holds n + 1 tokens; a document takes its own plus the
+        # document end (and a BOS)
+        document = lengths["document"] + len(tokenizer.document_ids([]))
         fits = {n: {"whole": int((document <= n + 1).sum()), "split": int((document > n + 1).sum())}
                 for n in seq_lens}
     return {"kind": kind, "summaries": {name: summarize(values) for name, values in lengths.items()},

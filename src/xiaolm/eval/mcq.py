@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xiaolm.tokenizer.bpe import XiaoTokenizer, render_chat
+from xiaolm.tokenizer.bpe import XiaoTokenizer
 
 LETTERS = string.ascii_uppercase
 SPLITS = ("dev", "val", "test")
@@ -216,9 +216,10 @@ def format_question(q: Question, with_options: bool) -> str:
 
 
 def build_prompt(q: Question, exam: Exam, method: str, num_shots: int = 0, explanations: bool = False,
-                 chat: bool = False) -> str:
-    """The text before the scored answer. C-Eval's wording (MMLU's for English subjects); k-shot examples come from the subject's
-    dev split (their explanations after the answer line when asked for)."""
+                 chat: XiaoTokenizer | None = None) -> str:
+    """The text before the scored answer. C-Eval's wording (MMLU's for English subjects); k-shot
+    examples come from the subject's dev split (their explanations after the answer line when asked
+    for). `chat`: the tokenizer whose chat template wraps the question as a user turn."""
     with_options = method == "letter"
     header, answer_cue, explanation_cue = PROMPT_WORDS[exam.language(q.subject)]
     header = header.format(subject=exam.subject_name(q.subject))
@@ -233,7 +234,7 @@ def build_prompt(q: Question, exam: Exam, method: str, num_shots: int = 0, expla
         shots.append(text + "\n\n")
     body = header + "".join(shots) + format_question(q, with_options)
     if chat:
-        return render_chat([{"role": "user", "content": body}], add_generation_prompt=True) + answer_cue
+        return chat.render_chat([{"role": "user", "content": body}], add_generation_prompt=True) + answer_cue
     return body + "\n" + answer_cue
 
 
@@ -257,9 +258,9 @@ class Encoded:
 
 
 def encode_options(tokenizer: XiaoTokenizer, prompt: str, continuations: list[str], max_len: int) -> Encoded:
-    """Token ids of prompt + each continuation, preceded by <|endoftext|> (a training document starts
-    after one). The continuation starts where the prompt's own encoding stops matching, so a merge
-    across the boundary is scored with the option. Too long: tokens are dropped from the left of the
+    """Token ids of prompt + each continuation, preceded by what starts a training document (the
+    model's BOS, or xiaolm's <|endoftext|>). The continuation starts where the prompt's own encoding
+    stops matching, so a merge across the boundary is scored with the option. Too long: tokens are dropped from the left of the
     prompt (the question's end and the options stay)."""
     prompt_ids = tokenizer.encode(prompt)
     sequences, starts = [], []
@@ -268,11 +269,11 @@ def encode_options(tokenizer: XiaoTokenizer, prompt: str, continuations: list[st
         start = _common_prefix(prompt_ids, full)
         if start == len(full):
             raise ValueError(f"option {text!r} adds no tokens to the prompt")
-        sequences.append([tokenizer.eos_id] + full)
-        starts.append(start + 1)
+        sequences.append(tokenizer.with_document_start(full))
+        starts.append(start + len(sequences[-1]) - len(full))
     overflow = max(len(s) for s in sequences) - max_len
     if overflow > 0:
-        # keep <|endoftext|> at 0; cut the same tokens after it from every option
+        # keep the document start at 0; cut the same tokens after it from every option
         sequences = [s[:1] + s[1 + overflow:] for s in sequences]
         starts = [max(1, start - overflow) for start in starts]
     shared = min(min(starts), _common_prefix_all(sequences))
@@ -358,7 +359,8 @@ def evaluate_mcq(model: torch.nn.Module, tokenizer: XiaoTokenizer, exam: Exam, c
 
     max_len = model.config.max_seq_len
     questions = [q for subject in exam.questions.values() for q in subject]
-    encoded = [encode_options(tokenizer, build_prompt(q, exam, cfg.method, cfg.num_shots, cfg.explanations, cfg.chat),
+    encoded = [encode_options(tokenizer, build_prompt(q, exam, cfg.method, cfg.num_shots, cfg.explanations,
+                                                    tokenizer if cfg.chat else None),
                               option_continuations(q, cfg.method), max_len) for q in questions]
     model.eval()
     scores: list[list[float] | None] = [None] * len(questions)

@@ -17,7 +17,7 @@ import torch
 
 from xiaolm.inference.generate import SamplingConfig, TextStreamer, generate_tokens
 from xiaolm.model.transformer import Transformer
-from xiaolm.tokenizer.bpe import XiaoTokenizer, render_chat
+from xiaolm.tokenizer.bpe import XiaoTokenizer
 
 HELP = "commands: /clear  forget the conversation, /system TEXT  set the system prompt, /quit  leave"
 
@@ -34,8 +34,8 @@ class ChatSession:
         self.history: list[dict[str, str]] = []
         self.num_dropped_turns = 0
         self.last_stop_id: int | None = None
-        """The stop token (<|im_end|> or <|endoftext|>) that ended the latest reply; None when the
-        token limit ended it."""
+        """The stop token (end of turn, document end or another of the model's) that ended the latest
+        reply; None when the token limit ended it."""
 
     @property
     def last_stopped(self) -> bool:
@@ -57,7 +57,8 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         user = [{"role": "user", "content": user_text}]
         while True:
-            ids = self.tokenizer.encode(render_chat(system + self.history + user, add_generation_prompt=True))
+            ids = self.tokenizer.encode(
+                self.tokenizer.render_chat(system + self.history + user, add_generation_prompt=True))
             if len(ids) <= limit or not self.history:
                 break
             self.history = self.history[2:]  # the oldest user message and its answer
@@ -70,7 +71,7 @@ class ChatSession:
     def reply(self, user_text: str) -> Iterator[str]:
         """Stream the assistant's answer; the turn joins the history once it is complete."""
         prompt = self.prompt_ids(user_text)
-        stop_ids = (self.tokenizer.im_end_id, self.tokenizer.eos_id)
+        stop_ids = self.tokenizer.stop_ids
         streamer = TextStreamer(self.tokenizer.token_bytes(), skip_ids=self.tokenizer.special_ids)
         pieces: list[str] = []
         self.last_stop_id = None

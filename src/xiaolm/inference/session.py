@@ -15,10 +15,10 @@ def stream_completion(
 ) -> Iterator[str]:
     """Continue `prompt`, yielding text pieces as soon as they form whole characters.
 
-    Generation stops at <|endoftext|> or <|im_end|>; neither is printed.
+    Generation stops at the tokenizer's stop tokens (<|endoftext|>, <|im_end|>, ...); none is printed.
     """
-    prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]  # an empty prompt starts a new document
-    stop_ids = (tokenizer.eos_id, tokenizer.im_end_id)
+    prompt_ids = tokenizer.encode_prompt(prompt)
+    stop_ids = tokenizer.stop_ids
     streamer = TextStreamer(tokenizer.token_bytes(), skip_ids=tokenizer.special_ids)
     with torch.inference_mode():
         for next_ids in generate_tokens(model, prompt_ids, sampling, stop_ids=stop_ids):

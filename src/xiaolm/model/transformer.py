@@ -2,11 +2,16 @@
 
 Choices, top to bottom:
 - token embedding, no absolute positions;
-- pre-norm blocks with RMSNorm (weight only, no bias anywhere in the model);
+- pre-norm blocks with RMSNorm (weight only; the one bias in the model is the optional one on
+  the query/key/value projections, Qwen2's `qkv_bias`);
 - attention with rotary position embeddings in the rotate-half convention (the layout of
-  Llama / Qwen2 in transformers, so weights map 1:1), grouped-query attention (num_kv_heads
-  key/value heads shared by num_heads query heads), optional QK-norm, computed by
-  `scaled_dot_product_attention` so the fused / flash kernels run where they exist;
+  Llama / Qwen2 / Qwen3 in transformers, so weights map 1:1), optionally scaled to run past the
+  trained context (`rope_scaling`: linear, NTK-aware fixed or dynamic, YaRN, Llama 3's; computed
+  as transformers' modeling_rope_utils does), grouped-query attention (num_kv_heads key/value
+  heads shared by num_heads query heads) with heads `head_dim` wide (hidden_size / num_heads
+  unless set, as Qwen3 does), optional QK-norm (RMSNorm over each head's queries and keys
+  before RoPE, Qwen3's), computed by `scaled_dot_product_attention` so the fused / flash
+  kernels run where they exist;
 - a SwiGLU feed-forward, down(silu(gate(x)) * up(x)); each block builds its feed-forward through
   `make_feed_forward`, the single place a Mixture-of-Experts layer (model/moe.py) replaces the
   dense one when the config has experts;
@@ -40,12 +45,59 @@ class RMSNorm(nn.Module):
         return (x32 * self.weight.float()).type_as(x)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_len, head_dim), halves repeated as in rotate-half RoPE."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (T, D/2)
+def rope_frequencies(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (D/2,) in float64 and the factor cos/sin are scaled by, for a sequence of
+    `seq_len` positions under `config.rope_scaling` (the formulas of transformers' modeling_rope_utils,
+    so an exported model computes what xiaolm computes)."""
+    dim, base = config.head_dim, config.rope_theta
+    kind, factor, original = config.rope_scaling, config.rope_scaling_factor, config.original_max_seq_len
+    if kind == "ntk":  # NTK-aware: a larger base stretches the low frequencies, keeps the high ones
+        base = base * factor ** (dim / (dim - 2))
+    elif kind == "dynamic" and seq_len > original:  # the same, grown with the length past the trained one
+        base = base * (factor * seq_len / original - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (D/2,)
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "yarn":
+        return _yarn_frequencies(config, inv_freq)
+    if kind == "llama3":
+        wavelength = 2 * math.pi / inv_freq
+        low_wavelength = original / config.rope_low_freq_factor  # longer waves: interpolated by the factor
+        high_wavelength = original / config.rope_high_freq_factor  # shorter waves: kept
+        smooth = (original / wavelength - config.rope_low_freq_factor) / (
+            config.rope_high_freq_factor - config.rope_low_freq_factor)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelength > low_wavelength, inv_freq / factor, inv_freq)
+        medium = (wavelength >= high_wavelength) & (wavelength <= low_wavelength)
+        return torch.where(medium, blended, scaled), 1.0
+    return inv_freq, 1.0
+
+
+def _yarn_frequencies(config: ModelConfig, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023): frequencies that turn fewer than beta_slow times over the trained
+    context are interpolated by the factor, those that turn more than beta_fast times are kept, a
+    linear ramp in between; cos/sin are scaled by 0.1 * ln(factor) + 1 unless set."""
+    dim, base, factor, original = (config.head_dim, config.rope_theta, config.rope_scaling_factor,
+                                   config.original_max_seq_len)
+
+    def dimension_of(num_rotations: float) -> float:
+        return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(dimension_of(config.rope_yarn_beta_fast)), 0)
+    high = min(math.ceil(dimension_of(config.rope_yarn_beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)  # (D/2,)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attention_factor = config.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv_freq, attention_factor
+
+
+def rope_tables(config: ModelConfig, num_positions: int, seq_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (num_positions, head_dim), halves repeated as in rotate-half RoPE, for
+    a sequence of `seq_len` positions (only dynamic scaling depends on it; 0: within the trained context)."""
+    inv_freq, scale = rope_frequencies(config, seq_len)
+    angles = torch.outer(torch.arange(num_positions, dtype=torch.float64), inv_freq)  # (T, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, D)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -99,9 +151,9 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.dropout = config.dropout
-        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
@@ -184,7 +236,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        cos, sin = rope_tables(config, config.max_seq_len)
         # not persistent: derived from the config, so never stored in checkpoints
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -201,6 +253,8 @@ class Transformer(nn.Module):
             if isinstance(module, nn.Linear):
                 is_residual_out = name.endswith("o_proj") or name.endswith("down_proj")
                 module.weight.normal_(0.0, residual_std if is_residual_out else std, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
             elif isinstance(module, nn.Embedding):
                 module.weight.normal_(0.0, std, generator=generator)
             elif isinstance(module, RMSNorm):
@@ -235,14 +289,24 @@ class Transformer(nn.Module):
             key_pos = torch.arange(start + T, device=input_ids.device)
             query_pos = torch.arange(start, start + T, device=input_ids.device)
             attn_mask = key_pos[None, :] <= query_pos[:, None]  # (T, S)
-        cos = self.rope_cos[start:start + T]  # (T, D)
-        sin = self.rope_sin[start:start + T]  # (T, D)
+        cos, sin = self.rope(start + T)
+        cos, sin = cos[start:start + T], sin[start:start + T]  # (T, D)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for block in self.layers:
             x = block(x, cos, sin, cache, attn_mask)
         if cache is not None:
             cache.length += T
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables (at least `length` rows) for a forward that ends at position `length`.
+        Dynamic NTK scaling depends on that length once it passes the trained context, so its tables
+        are computed for it (what a fresh transformers model computes in one forward); every other
+        kind uses the tables built once."""
+        if self.config.rope_scaling != "dynamic" or length <= self.config.original_max_seq_len:
+            return self.rope_cos, self.rope_sin
+        cos, sin = rope_tables(self.config, length, length)
+        return cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def aux_loss(self) -> torch.Tensor | None:
         """What the training loss adds for the latest training-mode forward: the MoE load-balancing

@@ -151,7 +151,7 @@ def build_preference_data(pairs: Sequence[PreferencePair], tokenizer: XiaoTokeni
     if not examples:
         raise ValueError(f"no preference pair fits in seq_len={max_len} ({dropped} dropped); raise --seq-len"
                          + (" or pass --truncate tokens" if truncate == "turns" else ""))
-    return PreferenceData(examples, tokenizer.eos_id, dropped)
+    return PreferenceData(examples, tokenizer.pad_id, dropped)
 
 
 def preference_batch(data: PreferenceData, indices: Sequence[int]) -> Batch:
@@ -478,10 +478,14 @@ def run_distill(teacher_checkpoint: str | Path, student: str | Path, data: Seque
         check_same_tokenizer(tokenizer, loaded.tokenizer)
     elif str(student) in MODEL_PRESETS:
         with seeded(cfg.seed):
-            model = Transformer(ModelConfig.from_preset(str(student), vocab_size=tokenizer.vocab_size,
+            # as many output rows as the teacher (an imported model's embedding may be padded)
+            model = Transformer(ModelConfig.from_preset(str(student), vocab_size=teacher.config.vocab_size,
                                                         **(student_overrides or {})))
     else:
         raise ValueError(f"--student {student}: no checkpoint there and not a model preset ({sorted(MODEL_PRESETS)})")
+    if model.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(f"teacher and student must have as many output rows (teacher: {teacher.config.vocab_size}, "
+                         f"student: {model.config.vocab_size}); distillation compares logits token by token")
     cfg = fit_seq_len(cfg, model, teacher)
     train_items, val_items = load_chat_splits(data, val_data, fmt=fmt, val_fraction=val_fraction, skip_bad=skip_bad)
     train_data = build_sft_data(train_items, tokenizer, cfg.seq_len, pack=pack, seed=cfg.seed, truncate=truncate)
