@@ -147,3 +147,163 @@ def test_llama_cpp_computes_the_same_logits(tmp_path, tokenizer, overrides):
         expected = model.eval()(torch.tensor([ids]))[0]
     torch.testing.assert_close(logits, expected, atol=1e-3, rtol=0)
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+# --------------------------------------------------------------------------- import
+
+
+def write_llama_gguf(path, hf_model, tokenizer, qtype="F32", chat_template=None, tensor_types=None):
+    """A GGUF file as llama.cpp's converter writes one, from a transformers Llama model: written here
+    with the gguf package and llama.cpp's own q/k row permutation, independently of xiaolm's export
+    (only the tokenizer keys are borrowed). `tensor_types`: {GGUF name suffix: (type, raw bytes)}."""
+    import gguf
+    import numpy as np
+
+    config = hf_model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {"context_length": 64, "embedding_length": config.hidden_size,
+                       "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
+                       "head_count": config.num_attention_heads, "head_count_kv": config.num_key_value_heads,
+                       "layer_norm_rms_eps": config.rms_norm_eps, "rope_freq_base": 1e6,
+                       "rope_dimension_count": config.hidden_size // config.num_attention_heads,
+                       **gguf_export.tokenizer_metadata(tokenizer, "<|endoftext|>")}.items():
+        getattr(writer, f"add_{key}")(value)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for hf_name, tensor in hf_model.state_dict().items():
+        if hf_name == "lm_head.weight":
+            continue  # tied
+        module, suffix = hf_name.rsplit(".", 1)
+        name = f"{names.get_name(module)}.{suffix}"
+        weight = tensor.numpy()
+        if ".attn_q." in name or ".attn_k." in name:  # llama.cpp's convert_hf_to_gguf.py permute()
+            heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
+            weight = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2)
+            weight = weight.reshape(tensor.shape)
+        special = next((v for k, v in (tensor_types or {}).items() if name.endswith(k)), None)
+        if special is not None:
+            writer.add_tensor(name, special[1], raw_dtype=special[0])
+        elif weight.ndim == 2 and qtype != "F32":
+            kind = getattr(gguf.GGMLQuantizationType, qtype)
+            writer.add_tensor(name, gguf.quants.quantize(weight, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, weight.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tokenizer):
+    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      rope_theta=1e6, tie_word_embeddings=True, max_position_embeddings=64)
+    torch.manual_seed(2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))  # norms away from 1
+    return model
+
+
+SYSTEM_TEMPLATE = ("{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+                   "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+                   "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_a_gguf_written_by_the_gguf_package_imports_with_its_tokens_and_weights(tmp_path, tokenizer, hf_llama,
+                                                                                qtype, capsys):
+    import gguf
+
+    path = write_llama_gguf(tmp_path / "m.gguf", hf_llama, tokenizer, qtype, chat_template=SYSTEM_TEMPLATE)
+    assert main(["import", "gguf", str(path), "--out", str(tmp_path / "ckpt")]) == 0
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.configs["imported_from"]["architecture"] == "llama"
+    # weights: transformers' own, dequantised as llama.cpp stores them, q/k back in rotate-half order
+    expected = hf_llama.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    if qtype == "Q8_0":
+        expected = gguf.quants.dequantize(gguf.quants.quantize(expected, gguf.GGMLQuantizationType.Q8_0),
+                                          gguf.GGMLQuantizationType.Q8_0)
+    np_weight = loaded.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    assert abs(np_weight - expected).max() == 0
+    ids = torch.tensor([tokenizer.encode(TEXT)[:40]])
+    with torch.no_grad():
+        logits, reference = loaded.model(ids), hf_llama(ids).logits
+    torch.testing.assert_close(logits, reference, atol=1e-5 if qtype == "F32" else 5e-2, rtol=0)
+    # tokens, special tokens and the chat template as the file has them
+    assert loaded.tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
+    messages = [{"role": "user", "content": "你好"}]
+    assert loaded.tokenizer.render_chat(messages, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    assert loaded.tokenizer.end_of_turn == "<|im_end|>" and loaded.tokenizer.document_end == "<|endoftext|>"
+
+
+def test_k_quants_and_4_bit_tensors_dequantise_as_llama_cpps_kernels(tmp_path, tokenizer, hf_llama):
+    """Q4_0, Q4_1 (quantised by the gguf package), Q4_K and Q6_K (random blocks with sane scales: the
+    gguf package only dequantises those) read back as the gguf package's kernels dequantise them."""
+    import gguf
+    import numpy as np
+
+    types = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(0)
+    rows = 64  # ffn_down: (hidden 64, intermediate 256), one 256-value super-block per row
+    blocks = {}
+    for qtype, scale_offsets in ((types.Q4_K, (0, 2)), (types.Q6_K, (208,))):
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(rows, 256 // block_size * type_size), dtype=np.uint8)
+        for offset in scale_offsets:  # the f16 scales of each block: 0.01, not a random inf or NaN
+            raw[:, offset:offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+        blocks[qtype] = raw
+    weight = hf_llama.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    for qtype in (types.Q4_0, types.Q4_1):
+        blocks[qtype] = gguf.quants.quantize(weight, qtype)
+    for qtype, raw in blocks.items():
+        path = write_llama_gguf(tmp_path / f"{qtype.name}.gguf", hf_llama, tokenizer,
+                                tensor_types={"blk.0.ffn_down.weight": (qtype, raw)})
+        imported = load_model(path).model.layers[0].mlp.down_proj.weight.detach().numpy()
+        assert np.array_equal(imported, gguf.quants.dequantize(raw, qtype)), qtype.name
+
+
+def test_gguf_round_trip_gives_the_same_logits(tmp_path, checkpoint, reference, tokenizer, capsys):
+    """xiaolm -> GGUF -> xiaolm: every command takes the .gguf file itself."""
+    ids, expected = reference
+    out = export_gguf(checkpoint, tmp_path / "m.gguf", dtype="f32")
+    loaded = load_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), expected, atol=1e-5, rtol=0)
+    assert loaded.tokenizer.is_native and loaded.tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
+    assert main(["generate", "--ckpt", str(out), "--prompt", "中华", "--max-new-tokens", "4", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("中华")
+
+
+def test_what_import_cannot_read_is_refused_by_name(tmp_path, tokenizer, hf_llama):
+    import gguf
+
+    good = export_gguf(make_checkpoint(tmp_path / "ckpt", tokenizer), tmp_path / "good.gguf", dtype="f32")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt GGUF file"):
+        load_model(truncated)
+    (tmp_path / "text.gguf").write_text("hello")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        load_model(tmp_path / "text.gguf")
+    weight = hf_llama.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    q5 = write_llama_gguf(tmp_path / "q5.gguf", hf_llama, tokenizer, tensor_types={"blk.0.ffn_down.weight": (
+        gguf.GGMLQuantizationType.Q5_0, gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q5_0))})
+    with pytest.raises(ValueError, match="tensor blk.0.ffn_down.weight is Q5_0"):
+        load_model(q5)
+    writer = gguf.GGUFWriter(str(tmp_path / "phi.gguf"), "phi3")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert main(["import", "gguf", str(tmp_path / "phi.gguf"), "--out", str(tmp_path / "x")]) == 2
+    with pytest.raises(ValueError, match="general.architecture='phi3' is not supported"):
+        load_model(tmp_path / "phi.gguf")

