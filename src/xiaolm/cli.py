@@ -157,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--corpus", type=Path, default=None, help="use this built corpus folder instead of building")
     speed.add_argument("--tokenizer-chars", type=int, default=5_000_000,
                        help="characters drawn evenly from the corpus to train the tokenizer on [5M]")
-    speed.add_argument("--sft-steps", type=int, default=100, help="SFT steps after pretraining; 0 skips SFT and DPO [100]")
+    speed.add_argument("--base", default=None, help="start from a pretrained model instead, built in (smollm2-135m) "
+                       "or a .gguf file: import, evaluate, LoRA SFT on the identity set + Alpaca, evaluate again")
+    speed.add_argument("--sft-steps", type=int, default=None,
+                       help="SFT steps after pretraining; 0 skips SFT and DPO [100; with --base: 60]")
     speed.add_argument("--dpo-steps", type=int, default=30, help="DPO steps after SFT; 0 skips DPO [30]")
     speed.add_argument("--sft-seq-len", type=int, default=128,
                        help="SFT sequence length: only replies that fit whole are trained on, so a small model learns "
@@ -461,13 +464,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_speedrun(args: argparse.Namespace) -> int:
+    if args.base:
+        from xiaolm.base_speedrun import base_speedrun
+
+        base_speedrun(args.out, args.base, default_cache_dir(), corpus=args.corpus,
+                      sft_steps=60 if args.sft_steps is None else args.sft_steps,
+                      train_overrides=config_overrides(args, TrainConfig))
+        return 0
     from xiaolm.speedrun import speedrun
 
     speedrun(
         out=args.out, preset=args.preset, vocab_size=args.vocab_size, include_npm=args.npm,
         corpus=args.corpus, tokenizer_chars=args.tokenizer_chars, cache_dir=default_cache_dir(),
         model_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})), train_overrides=config_overrides(args, TrainConfig),
-        sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, sft_seq_len=args.sft_seq_len,
+        sft_steps=100 if args.sft_steps is None else args.sft_steps, dpo_steps=args.dpo_steps,
+        sft_seq_len=args.sft_seq_len,
     )
     return 0
 
