@@ -1,4 +1,4 @@
-"""Greedy decoding tokens/s of xiaolm's `generate_tokens` against transformers' `generate`.
+"""Greedy decoding tokens/s of xiaolm's engine against transformers' `generate`.
 
 Both models have the same shape and weights; both prefill the same prompt and then decode
 with their KV cache (xiaolm: preallocated in place; transformers: its default DynamicCache).
@@ -17,13 +17,17 @@ import torch
 
 from common import build_hf_llama, interleaved_times, markdown_table, median, print_report, spread
 from xiaolm.config import ModelConfig
-from xiaolm.inference.generate import SamplingConfig, generate_tokens
+from xiaolm.inference.engine import Engine, Request
+from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.model.transformer import Transformer
 
 
 def xiaolm_generate(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    steps = generate_tokens(model, prompt, SamplingConfig(max_new_tokens=new_tokens, temperature=0))
-    return torch.stack(list(steps), dim=1)  # (B, new_tokens)
+    """Each row a request of the engine (each prefilled alone, then decoded in one batch)."""
+    greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
+    requests = [Request(row, greedy) for row in prompt.tolist()]
+    Engine(model, None, num_slots=len(requests), max_len=prompt.shape[1] + new_tokens).run(requests)
+    return torch.tensor([r.output_ids for r in requests])  # (B, new_tokens)
 
 
 def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:

@@ -63,3 +63,29 @@ def tiny_train_config(out_dir, **overrides) -> TrainConfig:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt: list[int], num_new: int) -> list[int]:
+    """Greedy continuation by full forwards of the whole sequence, no KV cache: what cached and
+    batched decoding are held to."""
+    ids = list(prompt)
+    for _ in range(num_new):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def decode_alone_and_together(model, prompts, samplings, num_slots=None, tokenizer=None):
+    """Each request decoded by itself, and all of them in one engine (`num_slots` rows, so some
+    may wait for a free slot): the two lists of Requests, in the order of `prompts`."""
+    from xiaolm.inference.engine import Engine, Request
+
+    stop = frozenset(tokenizer.stop_ids) if tokenizer is not None else frozenset()
+    alone = []
+    for prompt, sampling in zip(prompts, samplings):
+        request = Request(list(prompt), sampling, stop_ids=stop)
+        Engine(model, tokenizer).run([request])
+        alone.append(request)
+    together = [Request(list(prompt), sampling, stop_ids=stop) for prompt, sampling in zip(prompts, samplings)]
+    Engine(model, tokenizer, num_slots=num_slots or len(prompts)).run(together)
+    return alone, together

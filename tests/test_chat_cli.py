@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from xiaolm.inference.chat import ChatSession
-from xiaolm.inference.generate import SamplingConfig
+from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.model.transformer import Transformer
 from xiaolm.train.align import run_sft
 

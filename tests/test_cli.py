@@ -22,14 +22,14 @@ def test_readme_commands_are_all_tested():
     readme = (ROOT / "README.md").read_text()
     shown = set(re.findall(r"(?:^|-m xiaolm\.cli |make )\s*(?:xiaolm )?(data build|tokenizer train|tokenizer eval|"
                            r"pretrain|generate|speedrun|eval mcq|eval ppl|eval build-exams|report|"
-                           r"sft|dpo|lora merge|distill|chat|export hf|import hf|export gguf|import gguf|data stats)\b", readme,
-                           re.M))
+                           r"sft|dpo|lora merge|distill|chat|export hf|import hf|export gguf|import gguf|data stats|"
+                           r"serve)\b", readme, re.M))
     # sft, dpo, lora merge, distill, chat, export hf, import hf, export/import gguf (and speedrun --base),
-    # data stats: test_sft.py, test_dpo.py, test_lora.py, test_distill.py, test_chat_cli.py, test_hf.py,
-    # test_interop.py, test_gguf.py, test_data_stats.py
+    # data stats, serve: test_sft.py, test_dpo.py, test_lora.py, test_distill.py, test_chat_cli.py, test_hf.py,
+    # test_interop.py, test_gguf.py, test_data_stats.py, test_serve.py
     assert shown == {"data build", "tokenizer train", "tokenizer eval", "pretrain", "generate", "speedrun",
                      "eval mcq", "eval ppl", "eval build-exams", "report", "sft", "dpo", "lora merge", "distill",
-                     "chat", "export hf", "import hf", "export gguf", "import gguf", "data stats"}
+                     "chat", "export hf", "import hf", "export gguf", "import gguf", "data stats", "serve"}
 
 
 def test_data_build_of_the_sample_is_cached(capsys):

@@ -1,6 +1,7 @@
 import torch
 
-from xiaolm.inference.generate import SamplingConfig, TextStreamer, apply_repetition_penalty, generate_tokens, sample_next
+from xiaolm.inference.engine import Engine, Request, TextStreamer
+from xiaolm.inference.sampling import SamplingConfig, apply_repetition_penalty, sample_next
 from xiaolm.model.transformer import Transformer
 
 from conftest import tiny_model_config
@@ -45,16 +46,31 @@ def test_top_k_and_top_p_restrict_choices():
 
 def test_repetition_penalty():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
-    out = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)
+    out = apply_repetition_penalty(logits, torch.tensor([[True, True, False]]), 2.0)
     assert out.tolist() == [[1.0, -4.0, 1.0]]
 
 
 def test_seeded_sampling_is_reproducible_and_stops():
     model = Transformer(tiny_model_config()).eval()
     cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=7)
-    a = [int(t) for t in generate_tokens(model, [1, 2, 3], cfg)]
-    b = [int(t) for t in generate_tokens(model, [1, 2, 3], cfg)]
-    assert a == b and len(a) == 20
-    stop = a[4]
-    c = [int(t) for t in generate_tokens(model, [1, 2, 3], cfg, stop_ids=[stop])]
-    assert c[-1] == stop and len(c) == a.index(stop) + 1
+
+    def run(stop_ids=frozenset()):
+        request = Request([1, 2, 3], cfg, stop_ids=stop_ids)
+        Engine(model, None).run([request])
+        return request
+
+    a, b = run(), run()
+    assert a.output_ids == b.output_ids and len(a.output_ids) == 20 and a.finish_reason == "length"
+    stop = a.output_ids[4]
+    c = run(frozenset({stop}))
+    assert c.output_ids == a.output_ids[:a.output_ids.index(stop) + 1]
+    assert c.finish_reason == "stop" and c.stop_id == stop
+
+
+def test_vanishing_temperature_and_top_p_are_greedy_not_nan():
+    # found by fuzzing the server: logits / 1e-30 overflow float32 and the softmax turns to NaN;
+    # top_p = 5e-324 is 0 in float32 and dropped every token
+    logits = torch.randn(3, 50)
+    assert torch.equal(sample_next(logits, SamplingConfig(temperature=1e-30), None), logits.argmax(dim=-1))
+    tiny_top_p = SamplingConfig(temperature=1.0, top_p=5e-324)
+    assert torch.equal(sample_next(logits, tiny_top_p, torch.Generator().manual_seed(0)), logits.argmax(dim=-1))

@@ -22,7 +22,8 @@ from xiaolm.checkpoint import load_model, write_model_folder
 from xiaolm.cli import main
 from xiaolm.config import to_dict
 from xiaolm.data.chat_tokens import tokenize_conversation
-from xiaolm.inference.generate import SamplingConfig, generate_tokens
+from xiaolm.inference.engine import Engine, Request
+from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.interop.hf_config import architecture_for
 from xiaolm.interop.hf_export import export_hf
 from xiaolm.model.transformer import Transformer
@@ -63,8 +64,9 @@ def test_import_matches_transformers_and_exports_back(tmp_path, architecture, st
     expected = logits_of(hf, ids)
     torch.testing.assert_close(logits_of(loaded.model, ids), expected, atol=1e-4, rtol=1e-4)
     prompt = loaded.tokenizer.encode_prompt("The answer is")
-    steps = list(generate_tokens(loaded.model, prompt, SamplingConfig(max_new_tokens=12, temperature=0)))
-    assert [int(t[0]) for t in steps] == hf_greedy(hf, prompt, 12)
+    request = Request(prompt, SamplingConfig(max_new_tokens=12, temperature=0))
+    Engine(loaded.model, None).run([request])
+    assert request.output_ids == hf_greedy(hf, prompt, 12)
 
     # back to transformers: the same architecture and logits, the tokenizer and its roles intact
     assert main(["export", "hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back")]) == 0

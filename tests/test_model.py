@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from xiaolm.config import ModelConfig
-from xiaolm.inference.generate import SamplingConfig, generate_tokens
+from xiaolm.inference.engine import Engine, Request
+from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.model.transformer import Transformer
 
-from conftest import tiny_model_config
+from conftest import greedy_reference, tiny_model_config
 
 
 @pytest.mark.parametrize(
@@ -55,14 +56,39 @@ def test_kv_cache_decode_equals_full_forward(qk_norm):
     assert cache.length == 20
 
 
-def test_greedy_with_cache_equals_without():
+def test_kv_cache_rows_at_different_positions_equal_full_forward():
+    # three sequences of different lengths decoded in one batch, each row at its own position
     model = Transformer(tiny_model_config()).eval()
-    prompt = torch.randint(0, 512, (3, 5))
-    cfg = SamplingConfig(max_new_tokens=30, temperature=0)
-    with_cache = torch.stack(list(generate_tokens(model, prompt, cfg, use_cache=True)), dim=1)
-    without = torch.stack(list(generate_tokens(model, prompt, cfg, use_cache=False)), dim=1)
-    assert with_cache.shape == (3, 30)
-    assert torch.equal(with_cache, without)
+    sequences = [torch.randint(0, 512, (20,)) for _ in range(3)]
+    prompt_lengths = [9, 4, 12]
+    cache = model.allocate_cache(3, 24)
+    with torch.no_grad():
+        pieces = [[model(s[None, :p], cache=cache.rows(i, i + 1))[0]]
+                  for i, (s, p) in enumerate(zip(sequences, prompt_lengths))]  # prefill each row alone
+        assert cache.lengths.tolist() == prompt_lengths
+        for step in range(5):  # one token for every row together
+            tokens = torch.stack([s[p + step] for s, p in zip(sequences, prompt_lengths)])[:, None]
+            logits = model(tokens, cache=cache)
+            for i in range(3):
+                pieces[i].append(logits[i])
+        two = torch.stack([s[p + 5:p + 7] for s, p in zip(sequences, prompt_lengths)])  # two tokens at once
+        logits = model(two, cache=cache)
+        for i in range(3):
+            pieces[i].append(logits[i])
+        for i, (s, p) in enumerate(zip(sequences, prompt_lengths)):
+            full = model(s[None, :p + 7])[0]
+            torch.testing.assert_close(torch.cat(pieces[i]), full, rtol=1e-5, atol=1e-5)
+    assert cache.lengths.tolist() == [p + 7 for p in prompt_lengths]
+
+
+def test_greedy_engine_equals_full_forward_decoding():
+    model = Transformer(tiny_model_config()).eval()
+    prompts = torch.randint(0, 512, (3, 5)).tolist()
+    requests = [Request(p, SamplingConfig(max_new_tokens=30, temperature=0)) for p in prompts]
+    Engine(model, None, num_slots=3).run(requests)
+    for prompt, request in zip(prompts, requests):
+        assert request.output_ids == greedy_reference(model, prompt, 30)
+        assert request.finish_reason == "length"
 
 
 def test_sequence_longer_than_context_is_refused():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from xiaolm.config import ModelConfig
-from xiaolm.inference.generate import SamplingConfig, generate_tokens
+from xiaolm.inference.engine import Engine, Request
+from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.model.moe import (
     MoEFeedForward,
     balance_loss,
@@ -20,7 +21,7 @@ from xiaolm import checkpoint as ckpt
 from xiaolm.train.pretrain import pretrain
 from xiaolm.train.stages import next_token_loss
 
-from conftest import sample_texts, tiny_model_config, tiny_train_config
+from conftest import greedy_reference, sample_texts, tiny_model_config, tiny_train_config
 
 
 def tiny_moe_config(**overrides) -> ModelConfig:
@@ -114,13 +115,13 @@ def test_kv_cache_decode_equals_full_forward(overrides):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_generation_with_cache_equals_without():
+def test_greedy_engine_equals_full_forward_decoding():
     model = Transformer(tiny_moe_config(num_shared_experts=1)).eval()
-    prompt = torch.randint(0, 512, (2, 5))
-    cfg = SamplingConfig(max_new_tokens=12, temperature=0)
-    with_cache = torch.stack(list(generate_tokens(model, prompt, cfg, use_cache=True)), dim=1)
-    without = torch.stack(list(generate_tokens(model, prompt, cfg, use_cache=False)), dim=1)
-    assert torch.equal(with_cache, without)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (5, 8)]  # rows at different positions
+    requests = [Request(p, SamplingConfig(max_new_tokens=12, temperature=0)) for p in prompts]
+    Engine(model, None, num_slots=2).run(requests)
+    for prompt, request in zip(prompts, requests):
+        assert request.output_ids == greedy_reference(model, prompt, 12)
 
 
 def test_training_loss_includes_the_weighted_aux_loss():

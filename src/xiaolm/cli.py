@@ -11,7 +11,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from xiaolm.config import CHAT_SAMPLING, ModelConfig, TrainConfig
+from xiaolm.config import CHAT_SAMPLING, ModelConfig, ServeConfig, TrainConfig
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=None, help="with several runs: folder for compare.md [the first run]")
 
     add_alignment_commands(commands)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with batched decoding, and a chat page "
+                                "(pip install 'xiaolm[serve]')")
+    serve.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones merge on load)")
+    add_config_flags(serve, ServeConfig)
 
     speed = commands.add_parser("speedrun", help="corpus -> tokenizer -> pretrain -> samples -> report, in one go")
     speed.add_argument("--preset", default="tiny")
@@ -398,8 +403,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from xiaolm.checkpoint import load_model
-    from xiaolm.inference.generate import SamplingConfig
-    from xiaolm.inference.session import stream_completion
+    from xiaolm.inference.engine import stream_completion
+    from xiaolm.inference.sampling import SamplingConfig
 
     loaded = load_model(args.ckpt, args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -577,9 +582,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from xiaolm.serve.app import serve
+    except ImportError as error:
+        raise ValueError(str(error)) from error
+    serve(args.ckpt, ServeConfig(**config_overrides(args, ServeConfig)))
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from xiaolm.inference.chat import run_chat
-    from xiaolm.inference.generate import SamplingConfig
+    from xiaolm.inference.sampling import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -594,6 +608,7 @@ COMMANDS = {
     "export": cmd_export,
     "import": cmd_import,
     "chat": cmd_chat,
+    "serve": cmd_serve,
     "data": cmd_data,
     "tokenizer": cmd_tokenizer,
     "pretrain": cmd_pretrain,

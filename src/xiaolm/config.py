@@ -267,6 +267,36 @@ CHAT_SAMPLING: dict[str, Any] = dict(max_new_tokens=256, temperature=0.7, top_k=
 """`xiaolm chat`'s generation settings (its flag defaults); speedrun's sample answers use them too."""
 
 
+@dataclass
+class ServeConfig:
+    """`xiaolm serve`: where it listens, who may call it, and its limits (serve/app.py)."""
+
+    host: str = doc("Interface to listen on; 127.0.0.1 keeps the server to this machine (0.0.0.0: every "
+                    "interface, then set an API key).", "127.0.0.1")
+    port: int = doc("TCP port; 0 picks a free one (printed at start).", 8000)
+    api_key: str = doc("Require `Authorization: Bearer KEY` on /v1/ (default: the XIAOLM_API_KEY environment "
+                       "variable; empty: no key).", "")
+    model_name: str = doc("Model id in the API (default: the checkpoint folder's name).", "")
+    device: str = doc("auto | cpu | cuda | cuda:N | mps.", "auto")
+    num_slots: int = doc("Requests decoded together in one batch (rows of the KV cache).", 16)
+    max_context: int = doc("KV-cache positions per request, prompt and reply together; 0: the model's "
+                           "max_seq_len.", 0)
+    max_waiting: int = doc("Requests that may wait for a free slot; more get 429 with Retry-After.", 64)
+    max_tokens: int = doc("Largest max_tokens a request may ask for, and the default when it asks none "
+                          "(the context may end a reply sooner: finish_reason length).", 512)
+    max_messages: int = doc("Most messages in one chat request.", 256)
+    max_body_bytes: int = doc("Largest request body; more gets 413.", 1_000_000)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"serve config: port must be in [0, 65535], got {self.port}")
+        for name in ("num_slots", "max_tokens", "max_messages", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"serve config: {name} must be positive, got {getattr(self, name)}")
+        if self.max_context < 0 or self.max_waiting < 0:
+            raise ValueError("serve config: max_context and max_waiting must be >= 0")
+
+
 # Fields that may differ between the run that wrote a checkpoint and the run resuming it:
 # they change bookkeeping or how long to go on, not what an exact continuation computes.
 RESUMABLE_TRAIN_FIELDS = frozenset(

@@ -18,8 +18,8 @@ from xiaolm.data.shards import read_meta, write_shards
 from xiaolm.eval.mcq import McqConfig, evaluate_mcq, load_exam, write_mcq_results
 from xiaolm.eval.ppl import evaluate_shards
 from xiaolm.eval.report import render_report
-from xiaolm.inference.generate import SamplingConfig
-from xiaolm.inference.session import stream_completion
+from xiaolm.inference.engine import stream_completion
+from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.tokenizer.bpe import IM_END, load_tokenizer, train_tokenizer
 from xiaolm.train.pretrain import pretrain
 from xiaolm.utils import spread_sample

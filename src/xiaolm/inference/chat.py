@@ -13,13 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
-from xiaolm.inference.generate import SamplingConfig, TextStreamer, generate_tokens
+from xiaolm.inference.engine import Request, stream_alone
+from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.model.transformer import Transformer
 from xiaolm.tokenizer.bpe import XiaoTokenizer
 
 HELP = "commands: /clear  forget the conversation, /system TEXT  set the system prompt, /quit  leave"
+
+
+def chat_prompt_ids(tokenizer: XiaoTokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """A conversation rendered with the tokenizer's chat template, ending with the assistant's header:
+    the prompt of the next reply (`xiaolm chat` and `xiaolm serve`)."""
+    return tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
 
 
 class ChatSession:
@@ -57,8 +62,7 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         user = [{"role": "user", "content": user_text}]
         while True:
-            ids = self.tokenizer.encode(
-                self.tokenizer.render_chat(system + self.history + user, add_generation_prompt=True))
+            ids = chat_prompt_ids(self.tokenizer, system + self.history + user)
             if len(ids) <= limit or not self.history:
                 break
             self.history = self.history[2:]  # the oldest user message and its answer
@@ -70,25 +74,13 @@ class ChatSession:
 
     def reply(self, user_text: str) -> Iterator[str]:
         """Stream the assistant's answer; the turn joins the history once it is complete."""
-        prompt = self.prompt_ids(user_text)
-        stop_ids = self.tokenizer.stop_ids
-        streamer = TextStreamer(self.tokenizer.token_bytes(), skip_ids=self.tokenizer.special_ids)
+        request = Request(self.prompt_ids(user_text), self.sampling, stop_ids=frozenset(self.tokenizer.stop_ids))
         pieces: list[str] = []
         self.last_stop_id = None
-        with torch.inference_mode():
-            for next_ids in generate_tokens(self.model, prompt, self.sampling, stop_ids=stop_ids):
-                token = int(next_ids[0])
-                if token in stop_ids:
-                    self.last_stop_id = token
-                    break
-                piece = streamer.push(token)
-                if piece:
-                    pieces.append(piece)
-                    yield piece
-        tail = streamer.flush()
-        if tail:
-            pieces.append(tail)
-            yield tail
+        for piece in stream_alone(self.model, self.tokenizer, request):
+            pieces.append(piece)
+            yield piece
+        self.last_stop_id = request.stop_id
         self.history += [{"role": "user", "content": user_text},
                          {"role": "assistant", "content": "".join(pieces) or " "}]
 

@@ -16,20 +16,21 @@ Choices, top to bottom:
   `make_feed_forward`, the single place a Mixture-of-Experts layer (model/moe.py) replaces the
   dense one when the config has experts;
 - a final RMSNorm and an output projection tied to the embedding (configurable);
-- a preallocated KV cache for decoding (`KVCache`), filled in place.
+- a preallocated KV cache for decoding (model/kv_cache.py), filled in place, each row at its own
+  position so sequences of different lengths decode together in one batch.
 All initialisation lives in `init_weights`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xiaolm.config import ModelConfig
+from xiaolm.model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -101,7 +102,8 @@ def rope_tables(config: ModelConfig, num_positions: int, seq_len: int = 0) -> tu
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D). Rotate-half: pairs are (i, i + D/2), as in Llama."""
+    """x: (B, H, T, D); cos/sin: (T, D), or (B, 1, T, D) when rows sit at different positions.
+    Rotate-half: pairs are (i, i + D/2), as in Llama."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
@@ -115,33 +117,6 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
     return (same & causal)[:, None]
-
-
-@dataclass
-class KVCache:
-    """Preallocated keys and values for every layer; `length` positions are filled."""
-
-    keys: torch.Tensor  # (L, B, KVH, max_len, D)
-    values: torch.Tensor  # (L, B, KVH, max_len, D)
-    length: int = 0
-
-    @classmethod
-    def allocate(cls, config: ModelConfig, batch_size: int, max_len: int, device, dtype) -> KVCache:
-        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-
-    @property
-    def max_len(self) -> int:
-        return self.keys.shape[3]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, KVH, T, D) at the current length; return everything cached so far."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
 class Attention(nn.Module):
@@ -274,28 +249,34 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V).
 
-        With a cache, positions start at `cache.length` and the cache advances by T.
+        With a cache, each row's positions start at its filled length and the cache advances by T.
         `attn_mask` (bool, broadcastable to (B, H, T, S), True = may attend) overrides the causal
         mask, e.g. to keep packed documents apart.
         """
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}"
-            )
-        if cache is not None and attn_mask is None and start > 0 and T > 1:
-            # continuing a filled cache with several tokens: query i sees keys up to start + i
-            key_pos = torch.arange(start + T, device=input_ids.device)
-            query_pos = torch.arange(start, start + T, device=input_ids.device)
-            attn_mask = key_pos[None, :] <= query_pos[:, None]  # (T, S)
-        cos, sin = self.rope(start + T)
-        cos, sin = cos[start:start + T], sin[start:start + T]  # (T, D)
+        end = T + (int(cache.lengths.max()) if cache is not None else 0)  # the longest row's new length
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        start = cache.begin(T) if cache is not None else 0
+        cos_table, sin_table = self.rope(end)
+        if isinstance(start, int):  # every row at the same position: one slice of the tables
+            if cache is not None and attn_mask is None and start > 0 and T > 1:
+                # continuing a filled cache with several tokens: query i sees keys up to start + i
+                key_pos = torch.arange(start + T, device=input_ids.device)
+                query_pos = torch.arange(start, start + T, device=input_ids.device)
+                attn_mask = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+            cos, sin = cos_table[start:start + T], sin_table[start:start + T]  # (T, D)
+        else:  # rows at different positions (batched decoding): (B, T) positions from the cache
+            cos, sin = cos_table[start][:, None], sin_table[start][:, None]  # (B, 1, T, D)
+            if attn_mask is None:
+                # each query sees its own row's keys up to its position; later keys are stale or padding
+                key_pos = torch.arange(end, device=input_ids.device)
+                attn_mask = key_pos[None, None, None, :] <= start[:, None, :, None]  # (B, 1, T, S)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for block in self.layers:
             x = block(x, cos, sin, cache, attn_mask)
         if cache is not None:
-            cache.length += T
+            cache.advance()
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     def rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,6 +310,6 @@ class Transformer(nn.Module):
 
     def allocate_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         param = self.embed_tokens.weight
-        return KVCache.allocate(
-            self.config, batch_size, max_len or self.config.max_seq_len, param.device, dtype or param.dtype
-        )
+        config = self.config
+        return KVCache.allocate(config.num_layers, batch_size, config.num_kv_heads, max_len or config.max_seq_len,
+                                config.head_dim, param.device, dtype or param.dtype)
