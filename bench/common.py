@@ -35,8 +35,9 @@ def build_hf_llama(config: ModelConfig, source: Transformer | None = None):
 
 def make_train_step(forward, model, optimizer, batches, precision: str) -> Callable[[], float]:
     """A closure running one training step (forward, cross-entropy with targets of -100 ignored,
-    plus an MoE model's balance loss, backward, clip to norm 1, optimizer step) on the next batch of `batches` (cycled); it
-    returns the loss. `forward(model, inputs)` gives logits (B, T, V)."""
+    plus an MoE model's balance loss, backward, clip to norm 1, optimizer step) on the next batch
+    of `batches` (cycled); it returns the loss. `forward(model, inputs, targets)` gives logits
+    (B, T, V), or the mean loss itself (a scalar) when the model fuses head and cross-entropy."""
     params = [p for p in model.parameters() if p.requires_grad]
     state = {"index": 0}
 
@@ -49,9 +50,10 @@ def make_train_step(forward, model, optimizer, batches, precision: str) -> Calla
         inputs, targets = batches[state["index"] % len(batches)]
         state["index"] += 1
         with autocast():
-            logits = forward(model, inputs)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-            loss = add_aux_loss(model, loss)  # an MoE model's balance loss, as training adds it
+            out = forward(model, inputs, targets)
+            if out.dim() == 3:  # logits (B, T, V)
+                out = F.cross_entropy(out.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = add_aux_loss(model, out)  # an MoE model's balance loss, as training adds it
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -40,7 +40,7 @@ def parse_experts(text: str) -> tuple[int, int]:
 
 def make_step(model, batches):
     optimizer = build_optimizer(model.named_parameters(), TrainConfig(lr=1e-4), "cpu")
-    return make_train_step(lambda m, x: m(x), model, optimizer, batches, "fp32")
+    return make_train_step(lambda m, x, y: m(x), model, optimizer, batches, "fp32")
 
 
 def make_layer_step(layer, x):

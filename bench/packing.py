@@ -113,7 +113,7 @@ def main() -> None:
     models = {"packed": model, "padded": copy.deepcopy(model)}
     batches = {"packed": packed_batches, "padded": padded_batches}
     steps = {
-        name: make_train_step(lambda m, x: m(x), m, build_optimizer(m.named_parameters(), train_cfg, "cpu"),
+        name: make_train_step(lambda m, x, y: m(x), m, build_optimizer(m.named_parameters(), train_cfg, "cpu"),
                               batches[name], "fp32")
         for name, m in models.items()
     }

@@ -14,7 +14,7 @@ from conftest import ROOT, SAMPLE
 
 TINY = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--num-kv-heads", "2",
         "--max-seq-len", "64", "--seq-len", "32", "--batch-size", "4", "--eval-every", "5", "--eval-batches", "2",
-        "--save-every", "5", "--no-progress"]
+        "--save-every", "5", "--precision", "fp32", "--no-progress"]
 
 
 def test_readme_commands_are_all_tested():
@@ -23,13 +23,14 @@ def test_readme_commands_are_all_tested():
     shown = set(re.findall(r"(?:^|-m xiaolm\.cli |make )\s*(?:xiaolm )?(data build|tokenizer train|tokenizer eval|"
                            r"pretrain|generate|speedrun|eval mcq|eval ppl|eval build-exams|report|"
                            r"sft|dpo|lora merge|distill|chat|export hf|import hf|export gguf|import gguf|data stats|"
-                           r"serve)\b", readme, re.M))
+                           r"serve|checkpoint consolidate)\b", readme, re.M))
     # sft, dpo, lora merge, distill, chat, export hf, import hf, export/import gguf (and speedrun --base),
     # data stats, serve: test_sft.py, test_dpo.py, test_lora.py, test_distill.py, test_chat_cli.py, test_hf.py,
-    # test_interop.py, test_gguf.py, test_data_stats.py, test_serve.py
+    # test_interop.py, test_gguf.py, test_data_stats.py, test_serve.py; checkpoint consolidate: test_fsdp.py
     assert shown == {"data build", "tokenizer train", "tokenizer eval", "pretrain", "generate", "speedrun",
                      "eval mcq", "eval ppl", "eval build-exams", "report", "sft", "dpo", "lora merge", "distill",
-                     "chat", "export hf", "import hf", "export gguf", "import gguf", "data stats", "serve"}
+                     "chat", "export hf", "import hf", "export gguf", "import gguf", "data stats", "serve",
+                     "checkpoint consolidate"}
 
 
 def test_data_build_of_the_sample_is_cached(capsys):

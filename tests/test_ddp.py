@@ -12,7 +12,7 @@ from conftest import sample_texts
 TINY_FLAGS = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--num-kv-heads", "2",
               "--max-seq-len", "64", "--seq-len", "32", "--max-steps", "6", "--eval-every", "3",
               "--eval-batches", "2", "--save-every", "3", "--log-every", "1", "--lr", "3e-3",
-              "--warmup-steps", "2", "--device", "cpu", "--no-progress"]
+              "--warmup-steps", "2", "--device", "cpu", "--precision", "fp32", "--no-progress"]
 
 
 def run_cli(args, tmp_path, nproc=None):
@@ -34,14 +34,17 @@ def read_losses(run_dir):
     return train, val
 
 
+def write_sample_data(folder):
+    """train.jsonl (150 documents) and val.jsonl (30) from the committed sample, in `folder`."""
+    for split, limit in (("train", 150), ("val", 30)):
+        with open(folder / f"{split}.jsonl", "w") as handle:
+            for text in sample_texts(split, limit=limit):
+                handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path, tokenizer_dir):
-    with open(tmp_path / "train.jsonl", "w") as handle:
-        for text in sample_texts("train", limit=150):
-            handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    with open(tmp_path / "val.jsonl", "w") as handle:
-        for text in sample_texts("val", limit=30):
-            handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    write_sample_data(tmp_path)
     common = ["pretrain", "--data", "train.jsonl", "--val-data", "val.jsonl", "--tokenizer", str(tokenizer_dir),
               *TINY_FLAGS]
     run_cli([*common, "--out-dir", "ddp", "--batch-size", "2"], tmp_path, nproc=2)

@@ -6,6 +6,9 @@ Layout of `RUN/checkpoints/step_000100/`:
   config.json         {"model": ModelConfig, "train": TrainConfig, ...}
   tokenizer.json, tokenizer_config.json, special_tokens_map.json
   training_state.pt   optimizer, step, RNG states, data position (absent in exported models)
+  sharded/            instead of model.safetensors, in a run with --fsdp: weights and optimizer state as
+                      torch.distributed.checkpoint shards (train/fsdp.py); `consolidate_checkpoint`
+                      writes the plain folder
 `RUN/checkpoints/latest` names the newest complete checkpoint; it is replaced atomically only
 after the folder is complete, so a kill at any moment leaves the last good checkpoint in place.
 """
@@ -16,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,7 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "training_state.pt"
 LATEST_FILE = "latest"
+SHARDED_DIR = "sharded"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -61,17 +66,24 @@ def write_model_folder(
     tokenizer: XiaoTokenizer,
     configs: dict[str, Any],
     training_state: dict[str, Any] | None = None,
+    sharded_weights: Path | None = None,
 ) -> None:
-    """Write every file of a checkpoint into `directory` (which must not exist yet)."""
+    """Write every file of a checkpoint into `directory` (which must not exist yet). With
+    `sharded_weights` (a folder of DCP shards already written by every process) the weights are
+    that folder, moved in, instead of model.safetensors."""
     directory.mkdir(parents=True)
-    save_file(model_state_for_saving(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
+    if sharded_weights is not None:
+        os.replace(sharded_weights, directory / SHARDED_DIR)
+    else:
+        save_file(model_state_for_saving(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(configs, indent=2, ensure_ascii=False) + "\n")
     tokenizer.save(directory)
     if training_state is not None:
         torch.save(training_state, directory / STATE_FILE)
-    for f in directory.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
+    for f in [*directory.iterdir(), *(directory / SHARDED_DIR).glob("*")]:
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
     _fsync_dir(directory)
 
 
@@ -101,6 +113,7 @@ def save_checkpoint(
     configs: dict[str, Any],
     training_state: dict[str, Any],
     keep: int = 2,
+    sharded_weights: Path | None = None,
 ) -> Path:
     """Save atomically as RUN/checkpoints/step_NNNNNN and point `latest` at it."""
     root = Path(run_dir) / "checkpoints"
@@ -108,7 +121,7 @@ def save_checkpoint(
     name = f"step_{step:06d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_model_folder(tmp, model, tokenizer, configs, training_state)
+    write_model_folder(tmp, model, tokenizer, configs, training_state, sharded_weights)
     final = root / name
     if final.exists():  # re-saving a step (after a resume): move the old one aside first
         trash = root / f".old-{name}-{os.getpid()}"
@@ -130,20 +143,24 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     for old in steps[: max(0, len(steps) - keep)]:
         if old.name != latest:
             shutil.rmtree(old)
-    for stale in root.glob(".tmp-*"):  # left by a killed save
+    for stale in [*root.glob(".tmp-*"), *root.glob(".shards-*")]:  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def has_weights(folder: Path) -> bool:
+    return (folder / MODEL_FILE).is_file() or (folder / SHARDED_DIR / ".metadata").is_file()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint folder, a run folder, or a run's checkpoints folder."""
     path = Path(path)
-    if (path / MODEL_FILE).is_file():
+    if has_weights(path):
         return path
     for root in (path / "checkpoints", path):
         latest = root / LATEST_FILE
         if latest.is_file():
             candidate = root / latest.read_text().strip()
-            if (candidate / MODEL_FILE).is_file():
+            if has_weights(candidate):
                 return candidate
     raise ValueError(f"no checkpoint found at {path} (expected {MODEL_FILE} or checkpoints/{LATEST_FILE})")
 
@@ -253,7 +270,29 @@ def merge_lora_checkpoint(path: str | Path, out: str | Path) -> Path:
     return write_new_folder(out, lambda folder: write_model_folder(folder, loaded.model, loaded.tokenizer, configs))
 
 
+def consolidate_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """Write the sharded (--fsdp) checkpoint at `path` as a plain checkpoint folder `out`: one
+    model.safetensors, what chat, export and the other tools read anywhere."""
+    loaded = load_model(path)
+    if not (loaded.path / SHARDED_DIR).is_dir():
+        raise ValueError(f"{loaded.path} is not a sharded checkpoint (no {SHARDED_DIR}/ folder)")
+    configs = {**loaded.configs, "consolidated_from": str(loaded.path)}
+    return write_new_folder(out, lambda folder: write_model_folder(folder, loaded.model, loaded.tokenizer, configs))
+
+
 def load_weights(model: Transformer, file: Path) -> None:
+    """Weights from a checkpoint's model.safetensors, or from its sharded/ folder (any number of
+    processes wrote it; read here by this process alone)."""
+    if file.name == MODEL_FILE and not file.is_file() and (file.parent / SHARDED_DIR).is_dir():
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": model.state_dict()}  # tied weights: one tensor under both names
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(file.parent / SHARDED_DIR), no_dist=not dist.is_initialized())
+        model.load_state_dict(state["model"])
+        return
     state = load_file(str(file))
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()

@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="characters drawn evenly from the corpus to train the tokenizer on [5M]")
     speed.add_argument("--base", default=None, help="start from a pretrained model instead, built in (smollm2-135m) "
                        "or a .gguf file: import, evaluate, LoRA SFT on the identity set + Alpaca, evaluate again")
+    speed.add_argument("--pretrain-minutes", type=float, default=11.0,
+                       help="pretraining time budget: a short probe measures the step time and sets --max-steps to "
+                            "fill it (the whole run stays under 20 minutes on 2 CPU cores); an explicit --max-steps "
+                            "or 0 keeps a fixed schedule [11]")
     speed.add_argument("--sft-steps", type=int, default=None,
                        help="SFT steps after pretraining; 0 skips SFT and DPO [100; with --base: 60]")
     speed.add_argument("--dpo-steps", type=int, default=30, help="DPO steps after SFT; 0 skips DPO [30]")
@@ -240,6 +244,12 @@ def add_alignment_commands(commands) -> None:
     merge = lora.add_parser("merge", help="write a LoRA checkpoint as a plain checkpoint with merged weights")
     merge.add_argument("--ckpt", type=Path, required=True, help="LoRA checkpoint or run folder")
     merge.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
+
+    checkpoint = commands.add_parser("checkpoint", help="checkpoint tools").add_subparsers(
+        dest="checkpoint_command", required=True)
+    consolidate = checkpoint.add_parser("consolidate", help="write a sharded (--fsdp) checkpoint as a plain one")
+    consolidate.add_argument("--ckpt", type=Path, required=True, help="sharded checkpoint or run folder")
+    consolidate.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
 
     export = commands.add_parser("export", help="write a checkpoint in another library's format").add_subparsers(
         dest="export_format", required=True)
@@ -484,6 +494,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
         model_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})), train_overrides=config_overrides(args, TrainConfig),
         sft_steps=100 if args.sft_steps is None else args.sft_steps, dpo_steps=args.dpo_steps,
         sft_seq_len=args.sft_seq_len,
+        pretrain_minutes=args.pretrain_minutes,
     )
     return 0
 
@@ -549,6 +560,13 @@ def cmd_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from xiaolm.checkpoint import consolidate_checkpoint
+
+    print(f"plain checkpoint written to {consolidate_checkpoint(args.ckpt, args.out)}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.export_format == "gguf":
         from xiaolm.interop.gguf_export import export_gguf
@@ -606,6 +624,7 @@ COMMANDS = {
     "distill": cmd_distill,
     "lora": cmd_lora,
     "export": cmd_export,
+    "checkpoint": cmd_checkpoint,
     "import": cmd_import,
     "chat": cmd_chat,
     "serve": cmd_serve,

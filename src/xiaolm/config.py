@@ -199,16 +199,33 @@ class TrainConfig:
     batch_size: int = doc("Sequences per micro-batch on each process.", 16)
     grad_accum_steps: int = doc("Micro-batches accumulated per optimizer step.", 1)
     max_steps: int = doc("Optimizer steps to train for.", 1000)
+    stop_after_steps: int = doc(
+        "End the run after this step, as a kill after its checkpoint would (the schedule still runs to "
+        "max_steps; --resume continues); 0: at max_steps.", 0)
     lr: float = doc("Peak learning rate.", 3e-3)
     min_lr_ratio: float = doc("Cosine schedule ends at lr * min_lr_ratio.", 0.1)
     warmup_steps: int = doc("Linear warmup steps.", 50)
-    weight_decay: float = doc("AdamW weight decay (matrices only; norms and biases get none).", 0.1)
+    optimizer: str = doc(
+        "adamw | muon. muon: torch.optim.Muon for the 2-D matrices inside the blocks, AdamW for embeddings, "
+        "norms and the output head; both at --lr (Muon's update is scaled to AdamW's RMS).", "adamw")
+    weight_decay: float = doc("Decoupled weight decay (matrices only; norms and biases get none).", 0.1)
     beta1: float = doc("AdamW beta1.", 0.9)
     beta2: float = doc("AdamW beta2.", 0.95)
+    muon_momentum: float = doc("Muon's (Nesterov) momentum.", 0.95)
     grad_clip: float = doc("Clip the global gradient norm to this; 0 disables.", 1.0)
-    precision: str = doc("auto | bf16 | fp16 | fp32. auto: bf16 on GPUs that have it, else fp32.", "auto")
+    precision: str = doc(
+        "auto | bf16 | fp16 | fp32. auto: bf16 on GPUs that have it (else fp16 with loss scaling); on a CPU, "
+        "bf16 autocast where it has native bf16 and a timed probe shows it faster (cached per machine), else fp32.",
+        "auto")
     device: str = doc("auto | cpu | cuda | cuda:N | mps.", "auto")
-    compile: bool = doc("Wrap the model in torch.compile (first step is slow).", False)
+    compile: bool = doc("torch.compile each transformer block (the first steps are slow while it compiles).", False)
+    fsdp: bool = doc(
+        "Under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2) instead of "
+        "replicating them (DDP); checkpoints are torch.distributed.checkpoint shards, resumable on any number "
+        "of processes.", False)
+    activation_checkpointing: bool = doc(
+        "Recompute each block's activations in backward instead of keeping them: far less memory for "
+        "about a third more compute; the same losses.", False)
     eval_every: int = doc("Validate every N steps (and at the end); 0 disables.", 100)
     eval_batches: int = doc("Micro-batches per validation.", 8)
     save_every: int = doc("Write a checkpoint every N steps (and at the end); 0: only at the end.", 200)
@@ -227,8 +244,10 @@ class TrainConfig:
                 raise ValueError(f"train config: {name} must be positive, got {getattr(self, name)}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"train config: precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
-            raise ValueError("train config: warmup_steps, eval_every and save_every must be >= 0")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"train config: optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0 or self.stop_after_steps < 0:
+            raise ValueError("train config: warmup_steps, eval_every, save_every and stop_after_steps must be >= 0")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
@@ -301,7 +320,8 @@ class ServeConfig:
 # they change bookkeeping or how long to go on, not what an exact continuation computes.
 RESUMABLE_TRAIN_FIELDS = frozenset(
     {"out_dir", "max_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
-     "log_every", "resume", "tensorboard", "wandb", "progress", "device", "compile"}
+     "log_every", "resume", "tensorboard", "wandb", "progress", "device", "compile", "activation_checkpointing",
+     "stop_after_steps"}
 )
 
 

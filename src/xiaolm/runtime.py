@@ -1,19 +1,32 @@
 """Where a process runs: device and precision choice, the torchrun process group, seeding and run
 metadata. Set up once per process (`setup_runtime`) and handed to whatever trains, evaluates or
 generates; nothing below this module chooses a device itself.
+
+What the machine can do is measured, not assumed, and cached per machine (CPU model and flags or
+GPU name, thread count, torch version) in `$XIAOLM_CACHE/machine.json`: the matmul peak of each
+precision (the denominator of MFU) and, for `--precision auto` on a CPU, whether bf16 autocast
+trains the model at hand faster than fp32 (a few timed steps of each; bf16 is 1.7-2.3x faster on
+CPUs with AMX or AVX512-BF16 and about 40x slower on CPUs without them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
 import os
 import platform
-import contextlib
 import random
+import statistics
 import subprocess
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,6 +72,8 @@ class Runtime:
     device: torch.device
     precision: str
     ctx: DistContext = DistContext()
+    precision_reason: str = ""
+    """Why this precision: asked for, the GPU's support, or the CPU measurement that chose it."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for forward passes (bf16/fp16), or nothing under fp32."""
@@ -73,7 +88,14 @@ def setup_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:
     torchrun each process takes the GPU of its local rank."""
     ctx = init_distributed(resolve_device(device).type)
     resolved = resolve_device(device, ctx.local_rank)
-    return Runtime(device=resolved, precision=resolve_precision(precision, resolved), ctx=ctx)
+    chosen = resolve_precision(precision, resolved)
+    if precision != "auto":
+        reason = "asked for"
+    elif resolved.type == "cuda":
+        reason = "bf16: this GPU supports it" if chosen == "bf16" else "fp16 with loss scaling: this GPU lacks bf16"
+    else:
+        reason = f"fp32: auto on {resolved.type} (a training run on a CPU measures bf16 against it)"
+    return Runtime(device=resolved, precision=chosen, ctx=ctx, precision_reason=reason)
 
 
 def barrier(ctx: DistContext) -> None:
@@ -123,10 +145,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 on GPUs that support it, fp16 (with loss scaling) on older GPUs, fp32 on CPU.
-
-    CPU stays fp32 by default: bf16 autocast only pays off on CPUs with native bf16
-    instructions, and fp32 keeps small CPU runs exactly reproducible.
+    """auto: bf16 on GPUs that support it, fp16 (with loss scaling) on older GPUs, fp32 elsewhere
+    until measured: a training run on a CPU then calls `choose_training_precision`, which
+    switches to bf16 where the CPU has native bf16 and a timed probe shows it faster.
     """
     if name != "auto":
         if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -190,6 +211,7 @@ def run_info(runtime: Runtime) -> dict:
         else platform.processor() or platform.machine(),
         "num_threads": torch.get_num_threads(),
         "precision": runtime.precision,
+        "precision_reason": runtime.precision_reason,
         "world_size": runtime.ctx.world_size,
     }
     return info
@@ -204,3 +226,187 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# What this machine can do, measured once and cached per machine
+
+
+def cache_root() -> Path:
+    """`$XIAOLM_CACHE`, else ~/.cache/xiaolm: corpus, packages and machine measurements live here."""
+    return Path(os.environ.get("XIAOLM_CACHE", Path.home() / ".cache" / "xiaolm"))
+
+
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and its feature flags (/proc/cpuinfo; empty where there is none)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return name, flags
+
+
+# the flags that decide matmul speed by precision
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def machine_fingerprint(device: torch.device) -> dict[str, Any]:
+    """What a measurement depends on: the device model, its relevant flags, threads, torch."""
+    if device.type == "cuda":
+        return {"device": "cuda", "name": torch.cuda.get_device_name(device),
+                "capability": list(torch.cuda.get_device_capability(device)), "torch": torch.__version__}
+    name, flags = cpu_model_and_flags()
+    return {"device": device.type, "name": name, "flags": [f for f in SPEED_FLAGS if f in flags],
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+class MachineCache:
+    """Measurements of this machine in a JSON file, one section per fingerprint; written whole
+    through a temporary file, so a concurrent reader never sees half a file."""
+
+    def __init__(self, device: torch.device, path: Path | None = None) -> None:
+        self.path = path or cache_root() / "machine.json"
+        self.fingerprint = machine_fingerprint(device)
+        self.key = hashlib.sha1(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _read_all(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, section: str, name: str) -> Any:
+        return self._read_all().get(self.key, {}).get(section, {}).get(name)
+
+    def put(self, section: str, name: str, value: Any) -> None:
+        data = self._read_all()
+        entry = data.setdefault(self.key, {"fingerprint": self.fingerprint})
+        entry.setdefault(section, {})[name] = value
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, self.path)
+        except OSError:  # a read-only home only costs a new measurement next time
+            pass
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak(device: torch.device, precision: str, size: int | None = None) -> float:
+    """Best FLOP/s of a square matmul in `precision` on `device` (best of several, so that load
+    from other work on a shared machine lowers it as little as possible). A CPU without native
+    fp16/bf16 emulates them hundreds of times slower: a small matrix keeps that measurement short."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if size is None:
+        native = device.type != "cpu" or precision == "fp32" or (precision == "bf16" and cpu_has_native_bf16())
+        size = 8192 if device.type == "cuda" else 2048 if native else 256
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # warm up (kernel choice, caches)
+    _synchronize(device)
+    best, deadline = 0.0, time.perf_counter() + 2.0
+    for repeat in range(20):
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+        if repeat >= 2 and time.perf_counter() > deadline:
+            break
+    return best
+
+
+def matmul_peak(device: torch.device, precision: str, cache: MachineCache | None = None) -> float:
+    """The measured matmul peak (FLOP/s) of `precision` on this machine, measured on first use."""
+    cache = cache or MachineCache(device)
+    peak = cache.get("matmul_peak_flops", precision)
+    if not peak:
+        peak = measure_matmul_peak(device, precision)
+        cache.put("matmul_peak_flops", precision, peak)
+    return float(peak)
+
+
+def time_training_steps(model: torch.nn.Module, batch_size: int, seq_len: int, rounds: int) -> dict[str, float]:
+    """Median seconds of forward + cross-entropy + backward in fp32 and bf16 autocast, interleaved
+    (A B, B A, ...) on a copy of `model`, so the real model and the RNG stay untouched."""
+    probe = copy.deepcopy(model).train()
+    vocab_size = probe.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    targets = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+
+    def step(precision: str) -> float:
+        start = time.perf_counter()
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        with context:
+            logits = probe(inputs)  # (B, T, V)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        probe.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    with torch.random.fork_rng(devices=[]):
+        step("fp32"), step("bf16")  # warm up both
+        for round_index in range(rounds):
+            for precision in (("fp32", "bf16") if round_index % 2 == 0 else ("bf16", "fp32")):
+                times[precision].append(step(precision))
+    return {precision: statistics.median(values) for precision, values in times.items()}
+
+
+BF16_MIN_SPEEDUP = 1.1
+"""bf16 must be this much faster than fp32 to be chosen: fp32 is exact and reproducible, so a gain
+within the noise of a short probe is not worth giving that up."""
+
+
+def choose_cpu_precision(
+    model: torch.nn.Module, batch_size: int, seq_len: int, *, cache: MachineCache | None = None,
+    native_bf16: bool | None = None, rounds: int = 3,
+) -> tuple[str, str]:
+    """(precision, reason) for training `model` at batch_size x seq_len on this CPU: bf16 autocast
+    where the CPU has native bf16 instructions and a timed probe shows it at least
+    BF16_MIN_SPEEDUP times faster, else fp32. The measurement is cached per machine and shape."""
+    native_bf16 = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+    if not native_bf16:
+        return "fp32", "fp32: this CPU has no native bf16 (avx512_bf16 / amx_bf16); bf16 would be emulated"
+    cache = cache or MachineCache(torch.device("cpu"))
+    config = dataclasses.asdict(model.config) if dataclasses.is_dataclass(getattr(model, "config", None)) else {}
+    shape = json.dumps({"model": config, "batch_size": batch_size, "seq_len": seq_len,
+                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}, sort_keys=True)
+    name = hashlib.sha1(shape.encode()).hexdigest()[:16]
+    measured = cache.get("precision_probe", name)
+    source = f"cached in {cache.path}"
+    if not measured:
+        measured = time_training_steps(model, batch_size, seq_len, rounds)
+        cache.put("precision_probe", name, measured)
+        source = "measured now"
+    speedup = measured["fp32"] / measured["bf16"]
+    precision = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+    return precision, (f"{precision}: bf16 autocast trains {speedup:.2f}x as fast as fp32 at {batch_size} x "
+                       f"{seq_len} on this CPU (native bf16; threshold {BF16_MIN_SPEEDUP}x; {source})")
+
+
+def choose_training_precision(
+    runtime: Runtime, asked: str, model: torch.nn.Module, batch_size: int, seq_len: int,
+    measure: Callable[..., tuple[str, str]] = choose_cpu_precision,
+) -> Runtime:
+    """The runtime a training run uses: as set up, unless precision is auto on a CPU; then the
+    main process measures (`choose_cpu_precision`) and every process takes its choice."""
+    if asked != "auto" or runtime.device.type != "cpu":
+        return runtime
+    choice = [None, None]
+    if runtime.ctx.is_main:
+        choice = list(measure(model, batch_size, seq_len))
+    if runtime.ctx.enabled:
+        dist.broadcast_object_list(choice, src=0)
+    return dataclasses.replace(runtime, precision=choice[0], precision_reason=choice[1])

@@ -45,7 +45,13 @@ def speedrun(
     sft_steps: int = 100,
     dpo_steps: int = 30,
     sft_seq_len: int = 128,
+    pretrain_minutes: float = 11.0,
 ) -> dict[str, Any]:
+    """`pretrain_minutes` sizes pretraining to the machine: a short probe measures the seconds per
+    step, and the schedule (max_steps) is set to fill that budget, so the whole run stays under 20
+    minutes on a slow CPU and trains more tokens on a fast one. A `max_steps` in `train_overrides`
+    (or pretrain_minutes=0: the preset's steps) fixes the schedule instead, for runs that must be
+    the same on every machine."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -96,6 +102,9 @@ def speedrun(
     model_cfg = ModelConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, **(model_overrides or {}))
     train_cfg = TrainConfig.from_preset(preset, **{"out_dir": str(out / "pretrain"), "resume": True,
                                                    **(train_overrides or {})})
+    if pretrain_minutes > 0 and "max_steps" not in (train_overrides or {}):
+        train_cfg = plan_pretraining(out, model_cfg, train_cfg, tokenizer, shards, pretrain_minutes * 60)
+    summary["pretrain_plan"] = json.loads((out / PLAN_FILE).read_text()) if (out / PLAN_FILE).is_file() else None
     result = pretrain(model_cfg, train_cfg, tokenizer, shards["train"], shards["val"])
     timings["pretrain"] = time.perf_counter() - started
     summary["run_info"] = json.loads((out / "pretrain" / "run_info.json").read_text())
@@ -142,6 +151,51 @@ def speedrun(
     print(f"\nreport: {out / 'report.md'}")
     return summary
 
+
+
+PLAN_FILE = "pretrain_plan.json"
+PROBE_STEPS = 12
+EVALS_PER_RUN = 4
+
+
+def plan_pretraining(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, tokenizer, shards: dict[str, Path],
+                     budget_s: float) -> TrainConfig:
+    """The pretraining schedule that fills `budget_s` seconds on this machine.
+
+    A probe trains PROBE_STEPS steps of the same model, batch and precision (the loop's own steps,
+    into a scratch folder) and the median step time after the first two sets max_steps; 4
+    validations and checkpoints are spread over it, their time taken out of the budget. The plan
+    is written to OUT/pretrain_plan.json and reused when the speedrun is run again (a resumed run
+    must keep its schedule)."""
+    import shutil
+    from dataclasses import replace
+
+    plan_file = out / PLAN_FILE
+    if plan_file.is_file():
+        plan = json.loads(plan_file.read_text())
+        print(f"pretraining plan from {plan_file}: {plan['max_steps']} steps")
+    else:
+        probe_dir = out / "probe"
+        shutil.rmtree(probe_dir, ignore_errors=True)
+        probe_cfg = replace(train_cfg, out_dir=str(probe_dir), max_steps=PROBE_STEPS, log_every=1, eval_every=0,
+                            save_every=0, resume=False, progress=False)
+        pretrain(model_cfg, probe_cfg, tokenizer, shards["train"])
+        records = [json.loads(line) for line in open(probe_dir / "metrics.jsonl")]
+        tokens_per_step = train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum_steps
+        step_s = sorted(tokens_per_step / r["tok_per_s"] for r in records if r.get("tok_per_s"))[2:]
+        step_s = step_s[len(step_s) // 2]
+        # a validation batch is a forward only (about a third of a step); checkpoints are quick
+        eval_steps = EVALS_PER_RUN * train_cfg.eval_batches / 3
+        max_steps = max(4 * EVALS_PER_RUN, int(budget_s / step_s - eval_steps))
+        plan = {"budget_s": budget_s, "probe_step_s": step_s, "max_steps": max_steps,
+                "tokens": max_steps * tokens_per_step, "warmup_steps": min(train_cfg.warmup_steps, max_steps // 10)}
+        plan_file.write_text(json.dumps(plan, indent=2) + "\n")
+        shutil.rmtree(probe_dir, ignore_errors=True)
+        print(f"pretraining plan: {step_s:.2f} s per step measured, {max_steps} steps "
+              f"({plan['tokens']:,} tokens) in {budget_s / 60:.1f} minutes")
+    every = max(1, plan["max_steps"] // EVALS_PER_RUN)
+    return replace(train_cfg, max_steps=plan["max_steps"], warmup_steps=plan["warmup_steps"], eval_every=every,
+                   save_every=every)
 
 
 CHAT_QUESTIONS = ["你好，你是谁？", "中国的首都是哪里？", "请写一首关于春天的短诗。", "如何保持身体健康？",

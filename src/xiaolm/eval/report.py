@@ -224,7 +224,7 @@ def render_report(run_dir: str | Path) -> Path:
         lines += ["", markdown_table([{k: v for k, v in model.items()}])]
     lines += ["", "## Environment", "", markdown_table([{k: info.get(k) for k in
               ("git_commit", "xiaolm", "torch", "python", "device", "device_name", "num_threads", "precision",
-               "world_size") if k in info}])]
+               "precision_reason", "world_size") if k in info}])]
     if summary.get("corpus"):
         lines += ["", "## Data", "", f"Corpus `{summary['corpus']['path']}`:", "",
                   markdown_table(summary["corpus"]["sources"])]
@@ -241,6 +241,10 @@ def render_report(run_dir: str | Path) -> Path:
     tok_per_s = sorted(m["tok_per_s"] for m in metrics if "tok_per_s" in m)
     if tok_per_s:
         lines.append(f"Training throughput: median {tok_per_s[len(tok_per_s) // 2]:,.0f} tokens/s.")
+    mfu = sorted(m["mfu"] for m in metrics if "mfu" in m)
+    if mfu:
+        lines.append(f"Model FLOPs utilisation: median {100 * mfu[len(mfu) // 2]:.1f}% of the measured "
+                     f"{info.get('precision', '')} matmul peak.")
     val_rows = [{"step": m["step"], "val_loss": m["val_loss"], "val_bpb": m.get("val_bpb")}
                 for m in metrics if "val_loss" in m]
     lines += ["", markdown_table(val_rows), ""]

@@ -152,7 +152,7 @@ class Engine:
                  max_len: int | None = None, max_waiting: int | None = None) -> None:
         if num_slots < 1:
             raise ValueError("num_slots must be at least 1")
-        self.model = model.eval()
+        self.model = model.prepare_for_decoding()
         self.tokenizer = tokenizer
         self.num_slots = num_slots
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)

@@ -12,10 +12,17 @@ Choices, top to bottom:
   unless set, as Qwen3 does), optional QK-norm (RMSNorm over each head's queries and keys
   before RoPE, Qwen3's), computed by `scaled_dot_product_attention` so the fused / flash
   kernels run where they exist;
+- the query/key/value projections, and the gate/up projections, each run as one matmul on their
+  weights stacked (`fused_projections`; state-dict keys unchanged, LoRA-wrapped layers run apart;
+  a model prepared for decoding keeps the stack until a weight changes);
 - a SwiGLU feed-forward, down(silu(gate(x)) * up(x)); each block builds its feed-forward through
   `make_feed_forward`, the single place a Mixture-of-Experts layer (model/moe.py) replaces the
   dense one when the config has experts;
-- a final RMSNorm and an output projection tied to the embedding (configurable);
+- a final RMSNorm and an output projection tied to the embedding (configurable); given targets,
+  the forward returns the mean next-token loss of the projection and cross-entropy fused a chunk
+  of rows at a time (model/loss.py), so the batch's fp32 logits never exist whole;
+- optional activation checkpointing (`activation_checkpointing`): each block's activations are
+  recomputed in backward instead of kept, for less memory at about a third more compute;
 - a preallocated KV cache for decoding (model/kv_cache.py), filled in place, each row at its own
   position so sequences of different lengths decode together in one batch.
 All initialisation lives in `init_weights`.
@@ -28,9 +35,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from xiaolm.config import ModelConfig
 from xiaolm.model.kv_cache import KVCache
+from xiaolm.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -44,6 +53,39 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * self.weight.float()).type_as(x)
+
+
+def fused_projections(owner: nn.Module, x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
+    """x through several Linear layers that read the same input, as one matmul on their stacked
+    weights: one larger matmul (and one in backward) runs faster than three small ones, and the
+    parameters stay separate, so checkpoints, LoRA targets and transformers' names are unchanged.
+    Training stacks the weights every call (they change every step, and the copy is small next to
+    the matmul). Without gradients, stacking every call would copy every weight once per decoded
+    token, so a model prepared for decoding (`Transformer.prepare_for_decoding`) keeps the stack on
+    `owner` until it trains again, rebuilt when a weight's version counter moves (load_state_dict,
+    merging LoRA); any other forward without gradients (validation during training: fused AdamW and
+    FSDP write weights without moving their version) runs the projections apart."""
+    if not all(type(linear) is nn.Linear for linear in linears):  # e.g. peft's LoRA wrappers
+        return tuple(linear(x) for linear in linears)
+    params = [t for linear in linears for t in (linear.weight, linear.bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+        weight, bias = _stack(linears)
+    elif not getattr(owner, "keep_stacked_weights", False):
+        return tuple(linear(x) for linear in linears)
+    else:
+        key = tuple((id(t), t._version, t.device, t.dtype) for t in params)
+        cached = getattr(owner, "_stacked_weights", None)
+        if cached is None or cached[0] != key:
+            cached = (key, *_stack(linears))
+            owner._stacked_weights = cached
+        weight, bias = cached[1], cached[2]
+    return F.linear(x, weight, bias).split([linear.out_features for linear in linears], dim=-1)
+
+
+def _stack(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([linear.weight for linear in linears])  # (sum of outputs, C)
+    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+    return weight, bias
 
 
 def rope_frequencies(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, float]:
@@ -143,9 +185,10 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KVH, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KVH, D)
+        q, k, v = fused_projections(self, x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KVH, D)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KVH, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KVH, T, D)
@@ -172,7 +215,8 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_projections(self, x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 def make_feed_forward(config: ModelConfig, layer: int) -> nn.Module:
@@ -215,6 +259,7 @@ class Transformer(nn.Module):
         # not persistent: derived from the config, so never stored in checkpoints
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # set by the training loop (--activation-checkpointing)
         self.init_weights()
 
     @torch.no_grad()
@@ -241,13 +286,33 @@ class Transformer(nn.Module):
             total -= self.embed_tokens.weight.numel()
         return total
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at context `seq_len`, as PaLM counts them:
+        6 x the weights a token is multiplied by (every projection and the output head; the
+        embedding lookup is no matmul; of an MoE layer's routed experts only the top-k a token goes
+        to) + 12 x layers x attention width x seq_len (scores and weighted values, causal mask not
+        discounted). MFU = this x tokens/s / the device's measured matmul peak."""
+        matmul_weights = 0
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module is not self.lm_head:
+                matmul_weights += module.weight.numel()
+            num_experts = getattr(module, "num_experts", 0)
+            if num_experts and hasattr(module, "experts"):  # routed experts: only top-k of them run
+                expert_weights = sum(p.numel() for p in module.experts.parameters())
+                matmul_weights -= expert_weights * (1 - module.top_k / num_experts)
+        matmul_weights += self.lm_head.weight.numel()
+        attention = 12 * self.config.num_layers * self.config.num_heads * self.config.head_dim * seq_len
+        return 6 * matmul_weights + attention
+
     def forward(
         self,
         input_ids: torch.Tensor,
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V).
+        """input_ids (B, T) -> logits (B, T, V); with targets (B, T), the mean cross-entropy of the
+        targets that are not -100 instead (fp32 scalar; logits never materialised whole).
 
         With a cache, each row's positions start at its filled length and the cache advances by T.
         `attn_mask` (bool, broadcastable to (B, H, T, S), True = may attend) overrides the causal
@@ -273,11 +338,21 @@ class Transformer(nn.Module):
                 key_pos = torch.arange(end, device=input_ids.device)
                 attn_mask = key_pos[None, None, None, :] <= start[:, None, :, None]  # (B, 1, T, S)
         x = self.embed_tokens(input_ids)  # (B, T, C)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin, cache, attn_mask)
+            if recompute:  # dropout masks are replayed: the same function, less memory
+                x = checkpoint(block, x, cos, sin, cache, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, attn_mask)
         if cache is not None:
             cache.advance()
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
+        if targets is not None and type(self.lm_head) is nn.Linear:  # not under a LoRA wrapper
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        logits = self.lm_head(x)  # (B, T, V)
+        if targets is not None:
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits
 
     def rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables (at least `length` rows) for a forward that ends at position `length`.
@@ -307,6 +382,26 @@ class Transformer(nn.Module):
         from xiaolm.model.moe import update_expert_biases
 
         update_expert_biases(self, reduce)
+
+    def prepare_for_decoding(self) -> Transformer:
+        """Eval mode, and each block keeps its stacked q/k/v and gate/up weights between forwards
+        (`fused_projections`) until the model goes back to training: what the decode loop calls
+        once before its steps."""
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, (Attention, FeedForward)):
+                module.keep_stacked_weights = True
+        return self
+
+    def train(self, mode: bool = True) -> Transformer:
+        """nn.Module.train; back in training, the stacks kept for decoding are dropped: optimizers
+        update weights in place, and a fused one does so without moving their version counter."""
+        if mode:
+            for module in self.modules():
+                if isinstance(module, (Attention, FeedForward)):
+                    module.keep_stacked_weights = False
+                    module._stacked_weights = None
+        return super().train(mode)
 
     def allocate_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         param = self.embed_tokens.weight

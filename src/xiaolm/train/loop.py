@@ -27,8 +27,18 @@ from xiaolm.config import (
     to_dict,
 )
 from xiaolm import checkpoint as ckpt
-from xiaolm.runtime import DistContext, Runtime, all_reduce_sum, run_info, seed_everything, setup_runtime
+from xiaolm.runtime import (
+    DistContext,
+    Runtime,
+    all_reduce_sum,
+    choose_training_precision,
+    matmul_peak,
+    run_info,
+    seed_everything,
+    setup_runtime,
+)
 from xiaolm.tokenizer.bpe import XiaoTokenizer
+from xiaolm.train import fsdp
 from xiaolm.train.optim import build_optimizer, learning_rate
 
 Batch = dict[str, torch.Tensor]
@@ -143,9 +153,28 @@ def train(
     device, precision, ctx = runtime.device, runtime.precision, runtime.ctx
     seed_everything(cfg.seed + ctx.rank)
     configs = {"model": to_dict(model.config), **(configs or {}), "train": to_dict(cfg),
-               "stage": {"name": stage.name, **stage.identity}}
+               "stage": {"name": stage.name, **stage.identity},
+               # what one step sees, however it is split over processes: a resume may change the split
+               "batch": {"global_batch_size": cfg.batch_size * ctx.world_size}}
 
     model.to(device)
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "activation_checkpointing"):
+            raise ValueError(f"--activation-checkpointing: {type(model).__name__} does not support it")
+        model.activation_checkpointing = True
+    # --precision auto on a CPU: bf16 autocast only where a timed probe shows it faster
+    runtime = choose_training_precision(runtime, cfg.precision, model, cfg.batch_size, cfg.seq_len)
+    precision = runtime.precision
+    if ctx.is_main:
+        print(f"precision {precision} ({runtime.precision_reason})", flush=True)
+    if cfg.compile and hasattr(model, "layers"):
+        # each block compiled in place (names and state dict unchanged): the blocks share code and
+        # shapes, so one graph serves them all and compiles in a fraction of the whole model's time
+        for block in model.layers:
+            block.compile()
+    if cfg.fsdp:  # before the optimizer exists: its state is created per shard
+        fsdp.check_supported(cfg.optimizer, model)
+        model = fsdp.shard_model(model, runtime)
     trainable = list(stage.trainable(model) if stage.trainable else model.named_parameters())
     optimizer = build_optimizer(trainable, cfg, device.type)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -162,11 +191,13 @@ def train(
         state = _restore(latest, model, optimizer, scaler, configs)
         start_step, bad_steps, tokens_seen = state["step"], state["bad_steps"], state["tokens_seen"]
     raw_model = model
-    if ctx.enabled:
+    if ctx.enabled and not cfg.fsdp:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    forward_model = torch.compile(model) if cfg.compile else model
+    forward_model = model
+    if cfg.compile and not hasattr(raw_model, "layers"):
+        forward_model = torch.compile(model)
 
     def reduce(values: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(values, ctx)
@@ -177,6 +208,10 @@ def train(
         save_json(run_dir / "run_info.json", run_info(runtime))
     log = MetricsLog(run_dir, cfg, start_step, ctx.is_main, configs)
     autocast = runtime.autocast
+    # model FLOPs utilisation: model FLOPs per token x tokens/s over the measured matmul peak of
+    # all processes (measured once per machine and precision, then cached)
+    flops_per_token = raw_model.flops_per_token(cfg.seq_len) if hasattr(raw_model, "flops_per_token") else None
+    peak_flops = matmul_peak(device, precision) * ctx.world_size if ctx.is_main and flops_per_token else None
 
     progress = None
     if ctx.is_main and cfg.progress:
@@ -185,6 +220,7 @@ def train(
         progress = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, desc=stage.name)
 
     last_loss, last_eval, saved = math.nan, {}, latest if cfg.resume else None
+    stop_after_steps = stop_after_steps or cfg.stop_after_steps or None
     end_step = cfg.max_steps if stop_after_steps is None else min(cfg.max_steps, stop_after_steps)
     started = time.perf_counter()
     window_start, window_tokens = started, 0
@@ -199,7 +235,10 @@ def train(
             batch = stage.train_batch(step * cfg.grad_accum_steps + micro, ctx.rank, ctx.world_size)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             # gradients are all-reduced once per optimizer step, on the last micro-batch
-            sync = model.no_sync() if ctx.enabled and micro < cfg.grad_accum_steps - 1 else contextlib.nullcontext()
+            last_micro = micro == cfg.grad_accum_steps - 1
+            if cfg.fsdp and ctx.enabled:
+                model.set_requires_gradient_sync(last_micro)
+            sync = model.no_sync() if ctx.enabled and not cfg.fsdp and not last_micro else contextlib.nullcontext()
             with sync:
                 with autocast():
                     loss, num_tokens = stage.compute_loss(forward_model, batch)
@@ -211,7 +250,7 @@ def train(
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        grad_norm = float(grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if scaler is not None:
             scaler.step(optimizer)  # skips the update itself when gradients overflowed
@@ -254,6 +293,10 @@ def train(
         if ctx.is_main and is_log_step:
             elapsed = time.perf_counter() - window_start
             tok_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
+            if peak_flops:
+                extra["mfu"] = flops_per_token * tok_per_s / peak_flops
+            if device.type == "cuda":
+                extra["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             log.write({"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                        "tokens": tokens_seen, "tok_per_s": tok_per_s,
                        "elapsed_s": time.perf_counter() - started, **extra})
@@ -270,15 +313,20 @@ def train(
                 progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         # never checkpoint inside a non-finite streak: the last good checkpoint stays the latest
         if bad_steps == 0 and ((cfg.save_every and done % cfg.save_every == 0) or done == end_step):
+            state = {
+                "step": done, "bad_steps": bad_steps, "tokens_seen": tokens_seen,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": ckpt.capture_rng_state(),
+            }
+            shards = None
+            if cfg.fsdp:  # every process writes its shards (weights and optimizer state), then main files them
+                shards = run_dir / "checkpoints" / f".shards-step_{done:06d}"
+                fsdp.save_sharded(shards, model, optimizer)
+            else:
+                state["optimizer"] = optimizer.state_dict()
             if ctx.is_main:
-                state = {
-                    "step": done, "bad_steps": bad_steps, "tokens_seen": tokens_seen,
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": ckpt.capture_rng_state(),
-                }
                 saved = ckpt.save_checkpoint(run_dir, done, raw_model, tokenizer, configs, state,
-                                             keep=cfg.keep_checkpoints)
+                                             keep=cfg.keep_checkpoints, sharded_weights=shards)
             if ctx.enabled:
                 dist.barrier()
     if progress is not None:
@@ -291,11 +339,18 @@ def train(
 def _restore(checkpoint: Path, model: nn.Module, optimizer, scaler, configs: dict[str, Any]) -> dict[str, Any]:
     """Load weights, optimizer and RNG state, refusing a checkpoint of a different run."""
     saved = ckpt.read_configs(checkpoint)
-    if "model" in saved:  # fields added since the checkpoint was written take their defaults
+    # fields added since the checkpoint was written take their defaults
+    if "model" in saved:
         saved["model"] = to_dict(from_dict(ModelConfig, saved["model"]))
+    if "train" in saved:
+        saved["train"] = to_dict(from_dict(TrainConfig, saved["train"]))
+    if "batch" not in saved:  # written before the global batch was recorded: the split must match
+        configs = {k: v for k, v in configs.items() if k != "batch"}
     problems = []
     for section in sorted(set(saved) | set(configs)):
-        ignore = RESUMABLE_TRAIN_FIELDS if section == "train" else frozenset()
+        ignore = frozenset()
+        if section == "train":  # the per-process batch may change with the number of processes
+            ignore = RESUMABLE_TRAIN_FIELDS | ({"batch_size"} if "batch" in saved else frozenset())
         problems += [f"{section}.{line}" for line in diff_configs(saved.get(section) or {}, configs.get(section) or {}, ignore)]
     if problems:
         raise ValueError(
@@ -305,9 +360,12 @@ def _restore(checkpoint: Path, model: nn.Module, optimizer, scaler, configs: dic
     state_file = checkpoint / ckpt.STATE_FILE
     if not state_file.is_file():
         raise ValueError(f"cannot resume from {checkpoint}: {ckpt.STATE_FILE} is missing")
-    ckpt.load_weights(model, checkpoint / ckpt.MODEL_FILE)
     state = torch.load(state_file, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if (checkpoint / ckpt.SHARDED_DIR).is_dir():  # --fsdp: resharded to this run's processes
+        fsdp.load_sharded(checkpoint / ckpt.SHARDED_DIR, model, optimizer)
+    else:
+        ckpt.load_weights(model, checkpoint / ckpt.MODEL_FILE)
+        optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     ckpt.restore_rng_state(state["rng"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xiaolm.config import TrainConfig
@@ -18,16 +17,16 @@ def next_token_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     the assistant tokens). A model with an
     auxiliary loss (MoE load balancing) adds it here, so every stage that trains through this
     function gets it."""
-    logits = masked_forward(model, batch)  # (B, T, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100)
+    loss = masked_forward(model, batch, targets=batch["targets"])  # the head and cross-entropy fused
     return add_aux_loss(model, loss), batch["inputs"].numel()
 
 
-def masked_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits (B, T, V). A batch that carries `doc_ids` (packed SFT rows) gets the
-    block-diagonal causal mask, so packed conversations never attend to each other."""
+def masked_forward(model: nn.Module, batch: Batch, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, T, V), or with `targets` the model's mean loss on them. A batch that carries
+    `doc_ids` (packed SFT rows) gets the block-diagonal causal mask, so packed conversations never
+    attend to each other."""
     mask = document_mask(batch["doc_ids"]) if "doc_ids" in batch else None
-    return model(batch["inputs"], attn_mask=mask)
+    return model(batch["inputs"], attn_mask=mask, targets=targets)
 
 
 def add_aux_loss(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
