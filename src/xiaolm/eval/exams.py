@@ -138,13 +138,7 @@ def continuation_questions(cache_dir: Path, rng: random.Random) -> list[dict[str
                     if 15 <= len(sentences[i]) <= 80 and 10 <= len(sentences[i + 1]) <= 60]
             for i in rng.sample(good, min(3, len(good))):
                 pairs.append((sentences[i], sentences[i + 1]))
-    followers = sorted({b for _, b in pairs})
-    questions = []
-    for context, right in pairs:
-        wrong = rng.sample([f for f in followers if f != right], 3)
-        options, answer = _shuffled_options(right, wrong, rng)
-        questions.append(_question(f"下面这句话后面接的是哪一句？\n{context}", options, answer))
-    return questions
+    return _questions_from_pairs(pairs, "下面这句话后面接的是哪一句？\n{}", rng)
 
 
 def english_ending_questions(cache_dir: Path, rng: random.Random) -> list[dict[str, Any]]:
@@ -158,12 +152,18 @@ def english_ending_questions(cache_dir: Path, rng: random.Random) -> list[dict[s
                 if 8 <= len(words) <= 40:
                     middle = len(words) // 2
                     halves.append((" ".join(words[:middle]), " ".join(words[middle:])))
-    endings = sorted({end for _, end in halves})
+    return _questions_from_pairs(halves, "Which ending completes the sentence?\n{} ...", rng)
+
+
+def _questions_from_pairs(pairs: list[tuple[str, str]], question: str, rng: random.Random) -> list[dict[str, Any]]:
+    """A question for each (context, right) pair (`question` formatted with the context), whose
+    wrong options are three other pairs' right answers."""
+    answers = sorted({right for _, right in pairs})
     questions = []
-    for start, right in halves:
-        wrong = rng.sample([end for end in endings if end != right], 3)
+    for context, right in pairs:
+        wrong = rng.sample([a for a in answers if a != right], 3)
         options, answer = _shuffled_options(right, wrong, rng)
-        questions.append(_question(f"Which ending completes the sentence?\n{start} ...", options, answer))
+        questions.append(_question(question.format(context), options, answer))
     return questions
 
 
