@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from common import markdown_table, print_report
-from xiaolm.config import CHAT_SAMPLING
+from xiaolm.config import SAMPLING_PRESETS
 from xiaolm.checkpoint import load_model
 from xiaolm.speedrun import CHAT_QUESTIONS, held_out_prompts, sample_answer, sft_config
 from xiaolm.tokenizer.bpe import IM_END
-from xiaolm.train.align import run_sft
+from xiaolm.train.runners import run_sft
 
 VARIANTS = {"tokens@256": ("tokens", 256), "turns@256": ("turns", 256), "turns@128": ("turns", 128)}
 
@@ -66,7 +66,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     table = markdown_table(["variant", "rows x tokens per step", "last train loss",
                             "fixed questions ended", "held-out prompts ended"], rows)
-    settings = ", ".join(f"{k} {v}" for k, v in CHAT_SAMPLING.items())
+    settings = ", ".join(f"{k} {v}" for k, v in SAMPLING_PRESETS["chat"].items())
     print_report("SFT: answers the model ends itself", threads, table,
                  [f"{args.steps} SFT steps from `{args.pretrain}`; answers sampled with {settings}."])
 

@@ -7,7 +7,6 @@ and reports medians and their ratio rather than trusting any absolute figure.
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import shlex
 import statistics
@@ -20,10 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from xiaolm.config import ModelConfig
+from xiaolm.config import ModelConfig, TrainConfig
 from xiaolm.interop.hf_export import build_hf_model
 from xiaolm.model.transformer import Transformer
-from xiaolm.train.stages import add_aux_loss
+from xiaolm.runtime import Runtime
+from xiaolm.train.loop import Batch, Stage, StageLoss, init_train_state, train_step
+from xiaolm.train.stages import next_token_loss
 
 
 def build_hf_llama(config: ModelConfig, source: Transformer | None = None):
@@ -33,34 +34,31 @@ def build_hf_llama(config: ModelConfig, source: Transformer | None = None):
     return build_hf_model(config, source)
 
 
-def make_train_step(forward, model, optimizer, batches, precision: str) -> Callable[[], float]:
-    """A closure running one training step (forward, cross-entropy with targets of -100 ignored,
-    plus an MoE model's balance loss, backward, clip to norm 1, optimizer step) on the next batch
-    of `batches` (cycled); it returns the loss. `forward(model, inputs, targets)` gives logits
-    (B, T, V), or the mean loss itself (a scalar) when the model fuses head and cross-entropy."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    state = {"index": 0}
+def make_train_step(model, batches, precision: str = "fp32", *, lr: float = 1e-4,
+                    compute_loss: Callable[..., StageLoss] = next_token_loss) -> Callable[[], float]:
+    """A closure running xiaolm's training step (`xiaolm.train.loop.train_step`: forward,
+    `compute_loss` plus an MoE model's balance loss, backward, clipping to norm 1, AdamW at a
+    constant `lr`) on the next of `batches`, (inputs, targets) pairs, cycled; it returns the loss."""
+    cfg = TrainConfig(lr=lr, warmup_steps=0, min_lr_ratio=1.0, precision=precision)
+    state = init_train_state(model, cfg, Runtime(torch.device("cpu"), precision))
 
-    def autocast():
-        if precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def train_batch(samples: range) -> Batch:
+        inputs, targets = batches[samples.start % len(batches)]
+        return {"inputs": inputs, "targets": targets}
+
+    stage = Stage(name="bench", train_batch=train_batch, compute_loss=compute_loss)
 
     def step() -> float:
-        inputs, targets = batches[state["index"] % len(batches)]
-        state["index"] += 1
-        with autocast():
-            out = forward(model, inputs, targets)
-            if out.dim() == 3:  # logits (B, T, V)
-                out = F.cross_entropy(out.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-            loss = add_aux_loss(model, out)  # an MoE model's balance loss, as training adds it
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return train_step(state, [stage.train_batch(range(state.step, state.step + 1))], stage, cfg).loss
 
     return step
+
+
+def hf_next_token_loss(model, batch: Batch) -> StageLoss:
+    """The training loss of transformers' LlamaForCausalLM in xiaolm's step (it has no aux loss)."""
+    logits = model(input_ids=batch["inputs"], use_cache=False).logits  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100)
+    return StageLoss(loss, batch["inputs"].numel())
 
 
 def interleaved_times(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:

@@ -1,7 +1,7 @@
 """Training tokens/s of MoE dispatch: xiaolm's sort-and-group against minimind's loop over experts.
 
-One step = forward + cross-entropy + load-balancing loss (`add_aux_loss`, what the training
-loop runs) + backward + gradient clipping + AdamW step. The two MoE models are copies of one
+One step = xiaolm's training step (`train_step`): forward + cross-entropy + load-balancing loss
++ backward + gradient clipping + AdamW step. The two MoE models are copies of one
 model (same weights, same routing), differing only in the dispatch function of their MoE layers:
 - grouped: `xiaolm.model.moe.grouped_dispatch` (sort the assignments by expert once, one
   contiguous slice per expert, one index_add_ back);
@@ -24,10 +24,9 @@ import copy
 import torch
 
 from common import interleaved_times, make_train_step, markdown_table, median, print_report, spread
-from xiaolm.config import ModelConfig, TrainConfig
+from xiaolm.config import ModelConfig
 from xiaolm.model.moe import loop_dispatch, moe_layers, num_active_parameters
 from xiaolm.model.transformer import Transformer
-from xiaolm.train.optim import build_optimizer
 
 
 def parse_experts(text: str) -> tuple[int, int]:
@@ -36,11 +35,6 @@ def parse_experts(text: str) -> tuple[int, int]:
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{text!r} is not EXPERTSxTOPK, e.g. 16x4") from error
     return num_experts, top_k
-
-
-def make_step(model, batches):
-    optimizer = build_optimizer(model.named_parameters(), TrainConfig(lr=1e-4), "cpu")
-    return make_train_step(lambda m, x, y: m(x), model, optimizer, batches, "fp32")
 
 
 def make_layer_step(layer, x):
@@ -89,8 +83,8 @@ def main() -> None:
             batches.append((tokens[:, :-1], tokens[:, 1:]))
         with torch.no_grad():  # same weights, same routing: the same function
             torch.testing.assert_close(grouped(batches[0][0]), looped(batches[0][0]), rtol=1e-4, atol=1e-5)
-        steps = {"grouped": make_step(grouped, batches), "loop": make_step(looped, batches),
-                 "dense": make_step(dense, batches)}
+        steps = {"grouped": make_train_step(grouped, batches), "loop": make_train_step(looped, batches),
+                 "dense": make_train_step(dense, batches)}
         first = {name: steps[name]() for name in ("grouped", "loop")}
         if abs(first["grouped"] - first["loop"]) > 1e-4 * abs(first["grouped"]):
             raise RuntimeError(f"grouped and loop dispatch disagree on the first loss: {first}")

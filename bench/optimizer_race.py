@@ -1,7 +1,8 @@
 """AdamW against Muon at equal wall-clock on the speedrun's pretraining: validation bits-per-byte.
 
-Each contender is the training loop's own pieces (the model preset, `build_optimizer`, the fused
-next-token loss, clipping, the warmup + cosine schedule) on the same token shards and batches.
+Each contender runs the training loop's own step (`train_step`: the speedrun's pretraining stage
+with its fused next-token loss, `build_optimizer`, clipping, the warmup + cosine schedule) on the
+same token shards and batches.
 Their steps are interleaved one for one in this process, so load from other work slows both alike;
 each is charged the time of its own steps, and a contender stops when its time reaches the
 budget. The schedule's length (max_steps) is set for each from its own first steps' pace, as the
@@ -27,41 +28,35 @@ from common import markdown_table, print_report
 from xiaolm.config import ModelConfig, TrainConfig
 from xiaolm.data.readers import iter_documents
 from xiaolm.data.shards import PackedTokens, write_shards
-from xiaolm.eval.ppl import evaluate_packed, token_num_bytes
+from xiaolm.eval.ppl import token_num_bytes
 from xiaolm.model.transformer import Transformer
-from xiaolm.runtime import DistContext, seeded
+from xiaolm.runtime import DistContext, Runtime, seeded
 from xiaolm.tokenizer.bpe import load_tokenizer, train_tokenizer
-from xiaolm.train.optim import build_optimizer, learning_rate
-from xiaolm.train.stages import next_token_loss
+from xiaolm.train.loop import Stage, init_train_state, micro_batch_samples, train_step
+from xiaolm.train.stages import pretrain_stage
 from xiaolm.utils import spread_sample
 
 PACE_STEPS = 6  # steps timed before the schedule's length is fixed
 
 
 class Contender:
-    def __init__(self, name: str, model_cfg: ModelConfig, cfg: TrainConfig, data: PackedTokens) -> None:
-        self.name, self.cfg, self.data = name, cfg, data
+    def __init__(self, name: str, model_cfg: ModelConfig, cfg: TrainConfig, stage: Stage) -> None:
+        self.name, self.cfg, self.stage = name, cfg, stage
         with seeded(cfg.seed):
-            self.model = Transformer(model_cfg).train()
-        self.optimizer = build_optimizer(self.model.named_parameters(), cfg, "cpu")
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.step_index, self.seconds, self.step_times, self.losses = 0, 0.0, [], []
+            model = Transformer(model_cfg)
+        self.state = init_train_state(model, cfg, Runtime(torch.device("cpu"), cfg.precision))
+        self.state.model.train()
+        self.seconds, self.step_times, self.losses = 0.0, [], []
 
     def step(self) -> None:
+        """One step of the training loop's own `train_step`, timed."""
         start = time.perf_counter()
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.step_index, self.cfg)
-        inputs, targets = self.data.batch(self.step_index * self.cfg.batch_size, self.cfg.batch_size)
-        loss, _ = next_token_loss(self.model, {"inputs": inputs, "targets": targets})
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        samples = micro_batch_samples(self.state.step, self.cfg.batch_size, DistContext())
+        metrics = train_step(self.state, [self.stage.train_batch(samples)], self.stage, self.cfg)
         elapsed = time.perf_counter() - start
-        self.step_index += 1
         self.seconds += elapsed
         self.step_times.append(elapsed)
-        self.losses.append(loss.item())
+        self.losses.append(metrics.loss)
 
 
 def prepare_shards(corpus: Path, work: Path, vocab_size: int, tokenizer_chars: int):
@@ -97,11 +92,13 @@ def main() -> None:
     base = TrainConfig.from_preset(args.preset, precision="fp32")
     train_data = PackedTokens(train_dir, base.seq_len, seed=base.seed)
     val_data = PackedTokens(val_dir, base.seq_len, seed=0, shuffle=False)
+    # the speedrun's pretraining stage: its batches and fused next-token loss, its validation
+    stage = pretrain_stage(train_data, val_data, token_num_bytes(tokenizer), base)
     contenders = []
     for spec in args.contenders:
         optimizer, lr = spec.split(":")
         cfg = replace(base, optimizer=optimizer, lr=float(lr))
-        contenders.append(Contender(f"{optimizer} lr {lr}", model_cfg, cfg, train_data))
+        contenders.append(Contender(f"{optimizer} lr {lr}", model_cfg, cfg, stage))
     budget = args.minutes * 60
     # pace: the first steps of each set its schedule's length to fill the budget
     for _ in range(PACE_STEPS):
@@ -111,25 +108,24 @@ def main() -> None:
         pace = sorted(contender.step_times[1:])[len(contender.step_times[1:]) // 2]
         max_steps = max(PACE_STEPS + 1, int(budget / pace))
         contender.cfg = replace(contender.cfg, max_steps=max_steps, warmup_steps=min(base.warmup_steps, max_steps // 10))
-    while any(c.seconds < budget and c.step_index < c.cfg.max_steps for c in contenders):
+    while any(c.seconds < budget and c.state.step < c.cfg.max_steps for c in contenders):
         for contender in contenders:
-            if contender.seconds < budget and contender.step_index < contender.cfg.max_steps:
+            if contender.seconds < budget and contender.state.step < contender.cfg.max_steps:
                 contender.step()
     rows = []
-    evaluate = evaluate_packed(val_data, token_num_bytes(tokenizer), base.batch_size, base.eval_batches)
     for contender in contenders:
-        contender.model.eval()
+        contender.state.model.eval()
         with torch.no_grad():
-            result = evaluate(contender.model, DistContext(), lambda: torch.autocast("cpu", enabled=False))
+            result = stage.evaluate(contender.state.model, contender.state.runtime)
         step_s = sorted(contender.step_times)[len(contender.step_times) // 2]
-        rows.append([contender.name, contender.step_index, contender.cfg.max_steps, f"{contender.seconds:.0f}",
+        rows.append([contender.name, contender.state.step, contender.cfg.max_steps, f"{contender.seconds:.0f}",
                      f"{step_s:.2f}", f"{sum(contender.losses[-10:]) / 10:.3f}", f"{result['val_loss']:.4f}",
                      f"{result['val_bpb']:.4f}"])
         print(json.dumps({"contender": contender.name, **result}), flush=True)
     table = markdown_table(["contender", "steps", "schedule", "seconds", "median step s", "train loss (last 10)",
                             "val loss", "val bits/byte"], rows)
     notes = [f"Preset {args.preset}, fp32, batch {base.batch_size} x {base.seq_len}; budget {args.minutes} min each, "
-             f"steps interleaved one for one; validation on {base.eval_batches} x {base.batch_size} held-out windows."]
+             f"steps interleaved one for one; validation on {base.num_eval_batches} x {base.batch_size} held-out windows."]
     if any(not math.isfinite(c.losses[-1]) for c in contenders):
         notes.append("A contender diverged (non-finite loss).")
     print_report("AdamW vs Muon at equal wall-clock (speedrun pretraining)", args.threads, table, notes)

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 from common import interleaved_times, make_train_step, markdown_table, median, print_report, spread
-from xiaolm.config import ModelConfig, TrainConfig
+from xiaolm.config import ModelConfig
 from xiaolm.data.readers import iter_documents
 from xiaolm.data.shards import PackedTokens, fingerprint_paths, read_meta, write_shards
 from xiaolm.model.transformer import Transformer
 from xiaolm.tokenizer.bpe import load_tokenizer, train_tokenizer
-from xiaolm.train.optim import build_optimizer
 from xiaolm.utils import spread_sample
 
 
@@ -109,14 +108,9 @@ def main() -> None:
     config = ModelConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size, max_seq_len=seq_len)
     torch.manual_seed(args.seed)
     model = Transformer(config)
-    train_cfg = TrainConfig(lr=1e-3, seq_len=seq_len, batch_size=batch_size)
     models = {"packed": model, "padded": copy.deepcopy(model)}
     batches = {"packed": packed_batches, "padded": padded_batches}
-    steps = {
-        name: make_train_step(lambda m, x, y: m(x), m, build_optimizer(m.named_parameters(), train_cfg, "cpu"),
-                              batches[name], "fp32")
-        for name, m in models.items()
-    }
+    steps = {name: make_train_step(m, batches[name], lr=1e-3) for name, m in models.items()}
     for _ in range(args.warmup):
         for step in steps.values():
             step()

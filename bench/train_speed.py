@@ -1,14 +1,15 @@
 """Training tokens/s of xiaolm's Transformer against transformers' LlamaForCausalLM.
 
-One step = forward + cross-entropy + backward + gradient clipping + AdamW step, the same step
-`xiaolm.train.loop` runs: xiaolm's forward takes the targets and fuses its output head with the
-cross-entropy (model/loss.py), transformers' returns logits and the cross-entropy follows. Both
-models have the same shape and the same weights, train on the same random token batches, and use
-the same clipping and optimizer code. `--compile block` adds xiaolm with each block compiled
-(`block.compile()`, what `--compile` does in training), `--compile model` the whole model under
-torch.compile; their first steps (compilation) are timed apart. Steps of all are interleaved in
-one process and the medians compared. MFU: model FLOPs per token (Transformer.flops_per_token) x
-tok/s over the matmul peak of the precision, measured in the same run.
+One step = forward + cross-entropy + backward + gradient clipping + AdamW step: xiaolm's own
+`train_step` (xiaolm.train.loop) for every model. xiaolm's forward takes the targets and fuses
+its output head with the cross-entropy (model/loss.py); transformers' returns logits and the
+cross-entropy follows (common.hf_next_token_loss). Both models have the same shape and the same
+weights, train on the same random token batches, and use the same clipping and optimizer code.
+`--compile block` adds xiaolm with each block compiled (`block.compile()`, what `--compile` does
+in training), `--compile model` the whole model under torch.compile; their first steps
+(compilation) are timed apart. Steps of all are interleaved in one process and the medians
+compared. MFU: model FLOPs per token (Transformer.flops_per_token) x tok/s over the matmul peak
+of the precision, measured in the same run.
 
     python bench/train_speed.py --shapes 512x4 256x8 --precisions fp32 bf16 --steps 6 --compile block
 """
@@ -24,6 +25,7 @@ import torch
 from common import (
     build_hf_llama,
     cpu_flags,
+    hf_next_token_loss,
     interleaved_times,
     make_train_step,
     markdown_table,
@@ -31,10 +33,10 @@ from common import (
     print_report,
     spread,
 )
-from xiaolm.config import ModelConfig, TrainConfig
+from xiaolm.config import ModelConfig
 from xiaolm.model.transformer import Transformer
 from xiaolm.runtime import measure_matmul_peak
-from xiaolm.train.optim import build_optimizer
+from xiaolm.train.stages import next_token_loss
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -43,14 +45,6 @@ def parse_shape(text: str) -> tuple[int, int]:
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"shape {text!r} is not SEQxBATCH, e.g. 512x4") from error
     return seq_len, batch_size
-
-
-def xiaolm_forward(model, inputs, targets):
-    return model(inputs, targets=targets)  # the mean loss: head and cross-entropy fused
-
-
-def hf_forward(model, inputs, targets):
-    return model(input_ids=inputs, use_cache=False).logits
 
 
 def unfused(step):
@@ -113,20 +107,12 @@ def main() -> None:
             for _ in range(4):
                 tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=generator)
                 batches.append((tokens[:, :-1], tokens[:, 1:]))
-            train_cfg = TrainConfig(lr=1e-4, weight_decay=0.1)
-            peers = [("transformers", hf_forward, hf), ("xiaolm", xiaolm_forward, xiao)]
-            peers += [(f"xiaolm compiled ({how})", xiaolm_forward, compiled(xiao, how)) for how in args.compile]
-            steps = {
-                name: make_train_step(
-                    forward, model, build_optimizer(model.named_parameters(), train_cfg, "cpu"),
-                    batches, precision,
-                )
-                for name, forward, model in peers
-            }
+            peers = [("transformers", hf_next_token_loss, hf), ("xiaolm", next_token_loss, xiao)]
+            peers += [(f"xiaolm compiled ({how})", next_token_loss, compiled(xiao, how)) for how in args.compile]
+            steps = {name: make_train_step(model, batches, precision, lr=1e-4, compute_loss=loss)
+                     for name, loss, model in peers}
             if args.unfused:
-                model = copy.deepcopy(xiao)
-                steps["xiaolm unfused"] = unfused(make_train_step(
-                    xiaolm_forward, model, build_optimizer(model.named_parameters(), train_cfg, "cpu"), batches, precision))
+                steps["xiaolm unfused"] = unfused(make_train_step(copy.deepcopy(xiao), batches, precision, lr=1e-4))
             # same weights, same batch: the first losses must agree, or the comparison is void
             first, first_s = {}, {}
             for name, step in steps.items():

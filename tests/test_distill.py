@@ -8,7 +8,8 @@ import torch
 
 from xiaolm.cli import main
 from xiaolm.tokenizer.bpe import train_tokenizer
-from xiaolm.train.align import check_same_tokenizer, distillation_loss
+from xiaolm.train.runners import check_same_tokenizer
+from xiaolm.train.stages import distillation_loss
 
 from chat_helpers import SFT_TRAIN, make_checkpoint
 from conftest import sample_texts
@@ -36,7 +37,7 @@ def test_distill_command(tmp_path, tokenizer):
     assert main(["distill", "--teacher", str(teacher), "--student", "tiny", "--hidden-size", "32", "--num-layers", "1",
                  "--num-heads", "2", "--num-kv-heads", "1", "--max-seq-len", "64", "--data", str(SFT_TRAIN),
                  "--out-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--eval-every", "2",
-                 "--eval-batches", "1", "--no-progress", "--device", "cpu", "--truncate", "tokens"]) == 0
+                 "--num-eval-batches", "1", "--no-progress", "--device", "cpu", "--truncate", "tokens"]) == 0
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert all(math.isfinite(m.get("loss", 0.0)) for m in metrics) and "val_loss" in metrics[-1]
     configs = json.loads((out / "config.json").read_text())

@@ -9,7 +9,7 @@ import torch
 from xiaolm.cli import main
 from xiaolm.data.chat_formats import PreferencePair, read_preferences
 from xiaolm.model.transformer import Transformer
-from xiaolm.train.align import (
+from xiaolm.train.stages import (
     build_preference_data,
     compute_reference_logps,
     dpo_stage,
@@ -53,8 +53,8 @@ def test_loss_starts_at_log2_and_steps_raise_the_margin(tmp_path, tokenizer):
     cfg = tiny_train_config(tmp_path, batch_size=1, max_steps=6, lr=1e-3, warmup_steps=0, eval_every=0,
                             save_every=0, weight_decay=0.0)
     stage = dpo_stage(data, None, cfg, beta=0.1, reference=copy.deepcopy(model))
-    batch = stage.train_batch(0, 0, 1)
-    loss, _ = stage.compute_loss(model, batch)
+    batch = stage.train_batch(range(1))
+    loss = stage.compute_loss(model, batch).loss
     assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
     stage.metrics(lambda t: t)  # reset the reward meter after the probe above
     train(model, stage, cfg, tokenizer=tokenizer)
@@ -70,7 +70,7 @@ def test_dpo_command_with_precomputed_reference(tmp_path, tokenizer, capsys):
     out = tmp_path / "dpo"
     assert main(["dpo", "--from", str(start), "--data", str(DPO_TRAIN), "--val-data", str(DPO_VAL),
                  "--out-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--eval-every", "2",
-                 "--eval-batches", "1", "--log-every", "1", "--no-progress", "--device", "cpu",
+                 "--num-eval-batches", "1", "--log-every", "1", "--no-progress", "--device", "cpu",
                  "--truncate", "tokens"]) == 0  # the sample's replies run past this model's 64 tokens
     assert "preference pairs" in capsys.readouterr().out
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xiaolm.config import McqConfig
 from xiaolm.eval.mcq import (
-    Exam, McqConfig, Question, build_prompt, encode_options, evaluate_mcq, load_exam, score_options,
+    Exam, Question, build_prompt, encode_options, evaluate_mcq, load_exam, score_options,
     write_mcq_results,
 )
 from xiaolm.eval.ppl import evaluate_text

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from xiaolm.model.loss import linear_cross_entropy
 from xiaolm.model.transformer import Transformer, fused_projections
-from xiaolm.train.pretrain import pretrain
+from xiaolm.train.runners import run_pretrain
 
 from conftest import tiny_model_config, tiny_train_config
 
@@ -53,7 +53,7 @@ def losses(run_dir):
 def test_activation_checkpointing_gives_identical_losses(tmp_path, tokenizer, shards, overrides):
     for name, recompute in (("plain", False), ("recompute", True)):
         cfg = tiny_train_config(tmp_path / name, max_steps=4, eval_every=0, activation_checkpointing=recompute)
-        pretrain(tiny_model_config(**overrides), cfg, tokenizer, *shards)
+        run_pretrain(tiny_model_config(**overrides), cfg, tokenizer, *shards)
     assert losses(tmp_path / "recompute") == losses(tmp_path / "plain")
 
 

@@ -8,9 +8,9 @@ import torch
 
 from xiaolm.cli import main
 from xiaolm.interop.hf_export import export_hf
-from xiaolm.train.align import run_sft
+from xiaolm.train.runners import run_sft
 from xiaolm.checkpoint import load_model, resolve_checkpoint
-from xiaolm.model.lora import LoraSettings
+from xiaolm.config import LoraConfig
 
 from chat_helpers import SFT_TRAIN, make_checkpoint
 from conftest import tiny_train_config
@@ -49,7 +49,7 @@ def test_lora_adapter_loads_onto_the_exported_model(tmp_path, tokenizer):
 
     start = make_checkpoint(tmp_path / "start", tokenizer)
     cfg = tiny_train_config(tmp_path / "lora", seq_len=64, max_steps=2, save_every=2, eval_every=0, lr=2e-2)
-    run_sft(start, [SFT_TRAIN], cfg, val_fraction=0, truncate="tokens", lora=LoraSettings(rank=4, alpha=8))
+    run_sft(start, [SFT_TRAIN], cfg, val_fraction=0, truncate="tokens", lora=LoraConfig(rank=4, alpha=8))
     checkpoint = resolve_checkpoint(tmp_path / "lora")
     lora_model = load_model(checkpoint).model  # adapters merged: the LoRA model's function
     ids = torch.randint(0, tokenizer.vocab_size, (2, 24))

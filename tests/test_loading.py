@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from xiaolm.cli import main
-from xiaolm.train.align import run_sft
-from xiaolm.model.lora import LoraSettings
+from xiaolm.train.runners import run_sft
+from xiaolm.config import LoraConfig
 
 from chat_helpers import DPO_TRAIN, SFT_TRAIN, make_checkpoint
 from conftest import SAMPLE, tiny_train_config
@@ -18,7 +18,7 @@ def lora_run(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("lora")
     start = make_checkpoint(root / "start", tokenizer)
     cfg = tiny_train_config(root / "lora", seq_len=64, max_steps=2, save_every=2, eval_every=0, lr=1e-2)
-    run_sft(start, [SFT_TRAIN], cfg, val_fraction=0, lora=LoraSettings(rank=4, alpha=8))
+    run_sft(start, [SFT_TRAIN], cfg, val_fraction=0, lora=LoraConfig(rank=4, alpha=8))
     return root / "lora"
 
 

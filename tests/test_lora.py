@@ -1,5 +1,6 @@
 """LoRA via peft: merged equals unmerged, only adapters train, peft-format adapters, merge command, DPO."""
 
+import dataclasses
 import json
 
 import torch
@@ -7,9 +8,10 @@ from safetensors.torch import load_file
 
 from xiaolm.cli import main
 from xiaolm.model.transformer import Transformer
-from xiaolm.train.align import run_dpo, run_sft
+from xiaolm.train.runners import run_dpo, run_sft
 from xiaolm.checkpoint import load_model, resolve_checkpoint
-from xiaolm.model.lora import LoraSettings, apply_lora, merge_lora
+from xiaolm.config import LoraConfig
+from xiaolm.model.lora import apply_lora, merge_lora
 
 from chat_helpers import DPO_TRAIN, SFT_TRAIN, make_checkpoint
 from conftest import tiny_model_config, tiny_train_config
@@ -17,7 +19,7 @@ from conftest import tiny_model_config, tiny_train_config
 
 def test_merged_model_equals_adapter_model(tokenizer):
     model = Transformer(tiny_model_config(vocab_size=tokenizer.vocab_size)).eval()
-    peft_model = apply_lora(model, LoraSettings(rank=4, alpha=8))
+    peft_model = apply_lora(model, LoraConfig(rank=4, alpha=8))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert {n.split(".")[-4] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -35,11 +37,11 @@ def test_merged_model_equals_adapter_model(tokenizer):
 
 def test_lora_sft_resumes_saves_peft_adapters_and_merges(tmp_path, tokenizer):
     start = make_checkpoint(tmp_path / "start", tokenizer)
-    settings = LoraSettings(rank=4, alpha=8, targets=r".*\.(q_proj|v_proj)")
+    settings = LoraConfig(rank=4, alpha=8, targets=r".*\.(q_proj|v_proj)")
     cfg = tiny_train_config(tmp_path / "a", seq_len=64, max_steps=4, save_every=2, eval_every=0, lr=1e-2)
     run_sft(start, [SFT_TRAIN], cfg, val_fraction=0, lora=settings)
     cfg_b = tiny_train_config(tmp_path / "b", seq_len=64, max_steps=4, save_every=2, eval_every=0, lr=1e-2)
-    run_sft(start, [SFT_TRAIN], cfg_b, val_fraction=0, lora=settings, stop_after_steps=2)
+    run_sft(start, [SFT_TRAIN], dataclasses.replace(cfg_b, stop_after_steps=2), val_fraction=0, lora=settings)
     cfg_b.resume = True
     run_sft(start, [SFT_TRAIN], cfg_b, val_fraction=0, lora=settings)
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "metrics.jsonl")] for run in "ab"]
@@ -72,7 +74,8 @@ def test_lora_sft_resumes_saves_peft_adapters_and_merges(tmp_path, tokenizer):
 def test_lora_dpo(tmp_path, tokenizer):
     start = make_checkpoint(tmp_path / "start", tokenizer)
     cfg = tiny_train_config(tmp_path / "dpo", seq_len=64, batch_size=2, max_steps=2, eval_every=0, lr=1e-3)
-    result = run_dpo(start, [DPO_TRAIN], cfg, val_fraction=0, lora=LoraSettings(rank=2), precompute_reference=False)
+    result = run_dpo(start, [DPO_TRAIN], cfg, val_fraction=0, lora=LoraConfig(rank=2),
+                     precompute_reference=False)
     assert (result.checkpoint / "adapter_model.safetensors").is_file()
     metrics = [json.loads(line) for line in open(tmp_path / "dpo" / "metrics.jsonl")]
     assert abs(metrics[0]["loss"] - 0.6931) < 1e-3 and "reward_margin" in metrics[-1]
@@ -83,13 +86,13 @@ def test_lora_on_a_moe_model(tokenizer):
     # stays frozen, the balance loss still reaches the loss, and merging keeps the output
     config = tiny_model_config(vocab_size=tokenizer.vocab_size, num_experts=4, num_experts_per_token=2)
     model = Transformer(config)
-    peft_model = apply_lora(model, LoraSettings(rank=4, alpha=8))
+    peft_model = apply_lora(model, LoraConfig(rank=4, alpha=8))
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(".experts." in n for n in trained) and not any("router" in n for n in trained)
     ids = torch.randint(0, tokenizer.vocab_size, (2, 16))
     peft_model.train()
-    peft_model(ids)
-    assert model.aux_loss() is not None and torch.isfinite(model.aux_loss())
+    _, aux_loss = peft_model(ids, return_aux_loss=True)
+    assert aux_loss is not None and torch.isfinite(aux_loss)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

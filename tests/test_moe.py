@@ -18,7 +18,7 @@ from xiaolm.model.moe import (
 )
 from xiaolm.model.transformer import FeedForward, Transformer
 from xiaolm import checkpoint as ckpt
-from xiaolm.train.pretrain import pretrain
+from xiaolm.train.runners import run_pretrain
 from xiaolm.train.stages import next_token_loss
 
 from conftest import greedy_reference, sample_texts, tiny_model_config, tiny_train_config
@@ -127,15 +127,16 @@ def test_greedy_engine_equals_full_forward_decoding():
 def test_training_loss_includes_the_weighted_aux_loss():
     model = Transformer(tiny_moe_config(moe_aux_loss_coef=0.5, num_layers=3, first_k_dense=1))
     batch = {"inputs": torch.randint(0, 512, (2, 16)), "targets": torch.randint(0, 512, (2, 16))}
-    loss, _ = next_token_loss(model, batch)
+    out = next_token_loss(model, batch)  # the loop trains on out.loss + out.aux_loss
     per_layer = [block.mlp.last_aux_loss for block in model.layers[1:]]
     assert model.layers[0].mlp.__class__ is FeedForward and all(a is not None for a in per_layer)
+    torch.testing.assert_close(out.aux_loss, 0.5 * sum(per_layer), rtol=1e-4, atol=1e-6)
     model.config.moe_aux_loss_coef = 0.0
-    plain, _ = next_token_loss(model, batch)
-    torch.testing.assert_close(loss - plain, 0.5 * sum(per_layer), rtol=1e-4, atol=1e-6)
+    plain = next_token_loss(model, batch)
+    assert plain.aux_loss is None
+    torch.testing.assert_close(plain.loss, out.loss, rtol=1e-5, atol=1e-6)  # the same forward
     model.eval()  # evaluation and decoding carry no aux loss
-    model(batch["inputs"])
-    assert model.aux_loss() is None
+    assert model(batch["inputs"], return_aux_loss=True)[1] is None
 
 
 def test_bias_balancing_moves_load_towards_uniform():
@@ -202,17 +203,17 @@ def test_moe_trains_logs_load_and_resumes_exactly(tmp_path, tokenizer, shards):
     model_cfg = dict(num_shared_experts=1, first_k_dense=1, moe_bias_update_rate=1e-2,
                      moe_balance_loss="sequence")
     full = tiny_train_config(tmp_path / "full", max_steps=8, save_every=4, log_every=2)
-    pretrain(tiny_moe_config(**model_cfg), full, tokenizer, *shards)
+    run_pretrain(tiny_moe_config(**model_cfg), full, tokenizer, *shards)
     logged = [r for r in records(tmp_path / "full") if "tok_per_s" in r]
     assert len(logged) == 4 and all(math.isfinite(r["loss"]) for r in logged)
     for record in logged:
         assert len(record["expert_load"]) == 1  # one MoE layer: the first block is dense
         assert len(record["expert_load"][0]) == 4 and sum(record["expert_load"][0]) == pytest.approx(1.0, abs=1e-4)
         assert record["aux_loss"] >= 1.0 - 1e-6
-    half = tiny_train_config(tmp_path / "half", max_steps=8, save_every=4, log_every=2)
-    pretrain(tiny_moe_config(**model_cfg), half, tokenizer, *shards, stop_after_steps=4)
+    half = tiny_train_config(tmp_path / "half", max_steps=8, save_every=4, log_every=2, stop_after_steps=4)
+    run_pretrain(tiny_moe_config(**model_cfg), half, tokenizer, *shards)
     resumed = tiny_train_config(tmp_path / "half", max_steps=8, save_every=4, log_every=2, resume=True)
-    pretrain(tiny_moe_config(**model_cfg), resumed, tokenizer, *shards)
+    run_pretrain(tiny_moe_config(**model_cfg), resumed, tokenizer, *shards)
     assert [r["loss"] for r in records(tmp_path / "half") if "tok_per_s" in r] == [r["loss"] for r in logged]
     a = ckpt.load_model(tmp_path / "full").model.state_dict()
     b = ckpt.load_model(tmp_path / "half").model.state_dict()
@@ -252,13 +253,13 @@ def test_ddp_two_processes_match_one(tmp_path, tokenizer_dir):
 def test_checkpoint_from_before_moe_still_resumes(tmp_path, tokenizer, shards):
     # a dense checkpoint written before the MoE fields existed: they take their defaults on resume
     run = tmp_path / "run"
-    pretrain(tiny_model_config(), tiny_train_config(run, max_steps=2, save_every=2), tokenizer, *shards)
+    run_pretrain(tiny_model_config(), tiny_train_config(run, max_steps=2, save_every=2), tokenizer, *shards)
     config_file = run / "checkpoints" / "step_000002" / "config.json"
     configs = json.loads(config_file.read_text())
     configs["model"] = {k: v for k, v in configs["model"].items() if "expert" not in k and "moe" not in k
                         and k != "first_k_dense"}
     config_file.write_text(json.dumps(configs))
-    result = pretrain(tiny_model_config(), tiny_train_config(run, max_steps=4, save_every=2, resume=True),
+    result = run_pretrain(tiny_model_config(), tiny_train_config(run, max_steps=4, save_every=2, resume=True),
                       tokenizer, *shards)
     assert result.checkpoint.name == "step_000004"
 
@@ -268,7 +269,7 @@ def test_sft_and_dpo_train_a_moe_model_with_its_balance_loss(tmp_path, tokenizer
 
     from chat_helpers import DPO_TRAIN, SFT_TRAIN, make_checkpoint
     from conftest import tiny_train_config
-    from xiaolm.train.align import run_dpo, run_sft
+    from xiaolm.train.runners import run_dpo, run_sft
 
     start = make_checkpoint(tmp_path / "start", tokenizer, num_experts=4, num_experts_per_token=2)
     sft = tiny_train_config(tmp_path / "sft", seq_len=64, max_steps=3, eval_every=0, save_every=3)

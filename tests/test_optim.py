@@ -8,7 +8,7 @@ import torch
 from xiaolm.config import TrainConfig
 from xiaolm.model.transformer import Transformer
 from xiaolm.train.optim import CombinedOptimizer, build_optimizer
-from xiaolm.train.pretrain import pretrain
+from xiaolm.train.runners import run_pretrain
 
 from conftest import tiny_model_config, tiny_train_config
 
@@ -35,15 +35,15 @@ def test_optimizer_name_is_checked():
 
 
 def test_muon_trains(tmp_path, tokenizer, shards):
-    pretrain(tiny_model_config(), tiny_train_config(tmp_path / "run", max_steps=20, eval_every=0, optimizer="muon",
-                                                   lr=1e-2),
-             tokenizer, *shards)
+    cfg = tiny_train_config(tmp_path / "run", max_steps=20, eval_every=0, optimizer="muon", lr=1e-2)
+    run_pretrain(tiny_model_config(), cfg, tokenizer, *shards)
     curve = [r["loss"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "tok_per_s" in r]
     assert curve[-1] < curve[0] - 0.5
 
 
 def test_resume_refuses_another_optimizer(tmp_path, tokenizer, shards):
-    pretrain(tiny_model_config(), tiny_train_config(tmp_path / "run", max_steps=2), tokenizer, *shards)
+    run_pretrain(tiny_model_config(), tiny_train_config(tmp_path / "run", max_steps=2), tokenizer, *shards)
     with pytest.raises(ValueError, match="train.optimizer: checkpoint has 'adamw', this run has 'muon'"):
-        pretrain(tiny_model_config(), tiny_train_config(tmp_path / "run", max_steps=4, resume=True, optimizer="muon"),
-                 tokenizer, *shards)
+        run_pretrain(tiny_model_config(),
+                     tiny_train_config(tmp_path / "run", max_steps=4, resume=True, optimizer="muon"), tokenizer,
+                     *shards)

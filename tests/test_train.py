@@ -8,10 +8,17 @@ import torch
 from xiaolm.data.shards import PackedTokens
 from xiaolm.model.transformer import Transformer
 from xiaolm import checkpoint as ckpt
-from xiaolm.runtime import cpu_has_native_bf16
-from xiaolm.train.loop import TrainingDiverged, train
+from xiaolm.runtime import DistContext, Runtime, cpu_has_native_bf16
+from xiaolm.train.loop import (
+    StageLoss,
+    TrainingDiverged,
+    init_train_state,
+    micro_batch_samples,
+    train,
+    train_step,
+)
 from xiaolm.eval.ppl import token_num_bytes
-from xiaolm.train.pretrain import pretrain
+from xiaolm.train.runners import run_pretrain
 from xiaolm.train.stages import pretrain_stage
 
 from conftest import tiny_model_config, tiny_train_config
@@ -23,7 +30,7 @@ def losses(run_dir):
 
 def test_loss_falls_and_checkpoint_loads(tmp_path, tokenizer, shards):
     cfg = tiny_train_config(tmp_path / "run", max_steps=30, eval_every=10, save_every=10, keep_checkpoints=2)
-    result = pretrain(tiny_model_config(), cfg, tokenizer, *shards)
+    result = run_pretrain(tiny_model_config(), cfg, tokenizer, *shards)
     curve = losses(tmp_path / "run")
     assert curve[-1] < curve[0] - 0.5
     assert math.isfinite(result.last_eval["val_bpb"]) and result.last_eval["val_bpb"] > 0
@@ -38,12 +45,13 @@ def test_loss_falls_and_checkpoint_loads(tmp_path, tokenizer, shards):
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_continues_exactly(tmp_path, tokenizer, shards, optimizer):
     full = tiny_train_config(tmp_path / "full", max_steps=12, save_every=6, optimizer=optimizer)
-    pretrain(tiny_model_config(dropout=0.1), full, tokenizer, *shards)
-    half = tiny_train_config(tmp_path / "half", max_steps=12, save_every=6, optimizer=optimizer)
-    pretrain(tiny_model_config(dropout=0.1), half, tokenizer, *shards, stop_after_steps=6)
+    run_pretrain(tiny_model_config(dropout=0.1), full, tokenizer, *shards)
+    half = tiny_train_config(tmp_path / "half", max_steps=12, save_every=6, optimizer=optimizer,
+                             stop_after_steps=6)
+    run_pretrain(tiny_model_config(dropout=0.1), half, tokenizer, *shards)
     assert len(losses(tmp_path / "half")) == 6
     resumed = tiny_train_config(tmp_path / "half", max_steps=12, save_every=6, resume=True, optimizer=optimizer)
-    pretrain(tiny_model_config(dropout=0.1), resumed, tokenizer, *shards)
+    run_pretrain(tiny_model_config(dropout=0.1), resumed, tokenizer, *shards)
     assert losses(tmp_path / "half") == losses(tmp_path / "full")  # bit for bit, dropout included
     a = ckpt.load_model(tmp_path / "full").model.state_dict()
     b = ckpt.load_model(tmp_path / "half").model.state_dict()
@@ -52,31 +60,31 @@ def test_resume_continues_exactly(tmp_path, tokenizer, shards, optimizer):
 
 def test_existing_checkpoints_need_resume(tmp_path, tokenizer, shards):
     cfg = tiny_train_config(tmp_path / "run", max_steps=2)
-    pretrain(tiny_model_config(), cfg, tokenizer, *shards)
+    run_pretrain(tiny_model_config(), cfg, tokenizer, *shards)
     with pytest.raises(ValueError, match="pass --resume"):
-        pretrain(tiny_model_config(), cfg, tokenizer, *shards)
+        run_pretrain(tiny_model_config(), cfg, tokenizer, *shards)
 
 
 def test_resume_refuses_a_different_config(tmp_path, tokenizer, shards):
-    pretrain(tiny_model_config(), tiny_train_config(tmp_path / "run", max_steps=2), tokenizer, *shards)
+    run_pretrain(tiny_model_config(), tiny_train_config(tmp_path / "run", max_steps=2), tokenizer, *shards)
     with pytest.raises(ValueError, match=r"model.hidden_size: checkpoint has 64, this run has 128"):
-        pretrain(tiny_model_config(hidden_size=128), tiny_train_config(tmp_path / "run", max_steps=4, resume=True),
-                 tokenizer, *shards)
+        run_pretrain(tiny_model_config(hidden_size=128),
+                     tiny_train_config(tmp_path / "run", max_steps=4, resume=True), tokenizer, *shards)
     with pytest.raises(ValueError, match=r"train.lr"):
-        pretrain(tiny_model_config(), tiny_train_config(tmp_path / "run", max_steps=4, resume=True, lr=1.0),
-                 tokenizer, *shards)
+        changed = tiny_train_config(tmp_path / "run", max_steps=4, resume=True, lr=1.0)
+        run_pretrain(tiny_model_config(), changed, tokenizer, *shards)
 
 
 def test_killed_save_leaves_last_good_checkpoint(tmp_path, tokenizer, shards):
     run = tmp_path / "run"
-    pretrain(tiny_model_config(), tiny_train_config(run, max_steps=4, save_every=4), tokenizer, *shards)
+    run_pretrain(tiny_model_config(), tiny_train_config(run, max_steps=4, save_every=4), tokenizer, *shards)
     root = run / "checkpoints"
     # what a kill in the middle of writing step 8 leaves behind: a partial temporary folder
     partial = root / ".tmp-step_000008-999"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"partial")
     assert ckpt.resolve_checkpoint(run).name == "step_000004"
-    result = pretrain(tiny_model_config(), tiny_train_config(run, max_steps=8, save_every=4, resume=True),
+    result = run_pretrain(tiny_model_config(), tiny_train_config(run, max_steps=8, save_every=4, resume=True),
                       tokenizer, *shards)
     assert result.checkpoint.name == "step_000008" and not partial.exists()
 
@@ -90,8 +98,8 @@ def test_nonfinite_loss_skips_updates_then_stops(tmp_path, tokenizer, shards):
 
     def poisoned(model, batch):  # finite for 4 steps, then NaN forever
         calls["n"] += 1
-        loss, n = good_loss(model, batch)
-        return (loss if calls["n"] <= 4 else loss * float("nan")), n
+        out = good_loss(model, batch)
+        return StageLoss(out.loss if calls["n"] <= 4 else out.loss * float("nan"), out.num_tokens)
 
     stage.compute_loss = poisoned
     model = Transformer(tiny_model_config())
@@ -110,7 +118,7 @@ def test_mixed_precision_trains(tmp_path, tokenizer, shards, precision):
     cfg = tiny_train_config(tmp_path / "run", max_steps=12, eval_every=12, precision=precision, lr=1e-2)
     emulated = precision == "bf16" and not cpu_has_native_bf16()
     with pytest.warns(UserWarning, match="many times slower") if emulated else contextlib.nullcontext():
-        result = pretrain(tiny_model_config(), cfg, tokenizer, *shards)
+        result = run_pretrain(tiny_model_config(), cfg, tokenizer, *shards)
     curve = losses(tmp_path / "run")
     assert all(math.isfinite(x) for x in curve) and curve[-1] < curve[0]
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
@@ -125,6 +133,35 @@ def test_mixed_precision_trains(tmp_path, tokenizer, shards, precision):
 def test_compiled_model_trains_like_eager(tmp_path, tokenizer, shards):
     eager = tiny_train_config(tmp_path / "eager", max_steps=3, eval_every=0)
     compiled = tiny_train_config(tmp_path / "compiled", max_steps=3, eval_every=0, compile=True)
-    pretrain(tiny_model_config(), eager, tokenizer, *shards)
-    pretrain(tiny_model_config(), compiled, tokenizer, *shards)
+    run_pretrain(tiny_model_config(), eager, tokenizer, *shards)
+    run_pretrain(tiny_model_config(), compiled, tokenizer, *shards)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-4)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tokenizer, shards):
+    # two micro-batches of 2 rows (each loss a mean over its tokens, halved) make the update one
+    # batch of 4 rows makes
+    cfg = tiny_train_config("unused", lr=1e-2, warmup_steps=0)
+    data = PackedTokens(shards[0], cfg.seq_len, seed=0)
+    stage = pretrain_stage(data, None, token_num_bytes(tokenizer), cfg)
+    runs = []
+    one_batch = [stage.train_batch(range(0, 4))]
+    for batches in (one_batch, [stage.train_batch(range(0, 2)), stage.train_batch(range(2, 4))]):
+        torch.manual_seed(0)
+        state = init_train_state(Transformer(tiny_model_config()), cfg, Runtime(torch.device("cpu"), "fp32"))
+        runs.append((state, train_step(state, batches, stage, cfg)))
+    (one, one_metrics), (accumulated, accumulated_metrics) = runs
+    assert one_metrics.loss == pytest.approx(accumulated_metrics.loss, abs=1e-6) and one_metrics.finite
+    assert one_metrics.grad_norm == pytest.approx(accumulated_metrics.grad_norm, rel=1e-5)  # same gradient
+    assert one.step == accumulated.step == 1 and one.num_tokens_seen == accumulated.num_tokens_seen == 4 * 32
+    # Adam's first step is about lr * sign(gradient): only entries with a gradient near 0 may differ
+    for a, b in zip(one.model.parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=cfg.lr / 100)
+
+
+def test_data_parallel_micro_batches_split_the_big_batch():
+    # rank r of W takes its share of the samples one process with W times the batch would take
+    one = [list(micro_batch_samples(m, 4, DistContext())) for m in range(3)]
+    two = [[list(micro_batch_samples(m, 2, DistContext(rank=r, world_size=2))) for r in range(2)]
+           for m in range(3)]
+    assert one == [first + second for first, second in two]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from xiaolm.checkpoint import load_model
-from xiaolm.config import CHAT_SAMPLING, TrainConfig
+from xiaolm.config import SAMPLING_PRESETS, LoraConfig, TrainConfig
 from xiaolm.eval.report import markdown_table, render_report
 
 BASE_QUESTIONS = ["What is your name?", "Who are you?", "Who created you?", "What is the capital of France?",
@@ -28,9 +28,9 @@ NUM_NAME_QUESTIONS = 3
 ENGLISH_SUBJECT = "english_sentence_ending"
 PPL_WINDOWS = dict(seq_len=256, batch_size=8, max_batches=4)
 """bits-per-byte on the first 8 x 4 windows of 256 tokens of the val split: seconds, not minutes."""
-LORA = dict(rank=16, alpha=32.0)
+LORA = LoraConfig(rank=16, alpha=32.0)
 SFT_SCHEDULE = dict(seq_len=256, batch_size=4, lr=1e-3, warmup_steps=5, weight_decay=0.0, eval_every=20,
-                    eval_batches=4, save_every=20)
+                    num_eval_batches=4, save_every=20)
 """LoRA on every projection, 4 x 256 tokens a step: about one pass over the default mix (237 rows) in 60 steps."""
 
 
@@ -99,9 +99,8 @@ def base_speedrun(out: Path, base: str, cache_dir: Path, *, sft_steps: int = 60,
     built-in base model's name or a .gguf file."""
     from xiaolm.interop.bases import BASES, base_model_file
     from xiaolm.interop.gguf_import import import_gguf
-    from xiaolm.model.lora import LoraSettings
-    from xiaolm.speedrun import EXAMS
-    from xiaolm.train.align import run_sft
+    from xiaolm.speedrun import EXAMS, stage_summary
+    from xiaolm.train.runners import run_sft
 
     if base not in BASES and not (base.endswith(".gguf") and Path(base).is_file()):
         raise ValueError(f"--base {base}: not a built-in base model ({', '.join(BASES)}) nor a .gguf file")
@@ -140,9 +139,8 @@ def base_speedrun(out: Path, base: str, cache_dir: Path, *, sft_steps: int = 60,
                                             "max_steps": sft_steps, **keep})
     # the identity set is small: repeating it weighs the model's name against the Alpaca answers
     data = [files["identity"]] * identity_repeats + [files["alpaca"]]
-    result = run_sft(out / "base", data, cfg, val_data=[files["val"]], lora=LoraSettings(**LORA))
-    summary["sft"] = {"steps": result.steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
-                      **result.last_eval}
+    result = run_sft(out / "base", data, cfg, val_data=[files["val"]], lora=LORA)
+    summary["sft"] = stage_summary(result)
     timings["sft"] = time.perf_counter() - started
 
     started = stage("evaluate after SFT")
@@ -160,8 +158,8 @@ def base_speedrun(out: Path, base: str, cache_dir: Path, *, sft_steps: int = 60,
 
 def before_after_markdown(summary: dict[str, Any]) -> str:
     before, after = summary["before"], summary["after"]
-    settings = ", ".join(f"{k} {v}" for k, v in CHAT_SAMPLING.items())
-    lines = [f"Base: {summary['description']}. LoRA SFT ({LORA['rank']=}, {LORA['alpha']=}) for "
+    settings = ", ".join(f"{k} {v}" for k, v in SAMPLING_PRESETS["chat"].items())
+    lines = [f"Base: {summary['description']}. LoRA SFT (rank {LORA.rank}, alpha {LORA.alpha:g}) for "
              f"{summary['sft']['steps']} steps on the identity set (x{summary['chat_data']['identity_repeats']}) and "
              f"{summary['chat_data']['alpaca']} Alpaca conversations.", ""]
     rows = [{"": "says its name is xiaolm", "before": f"{before['says_xiaolm']}/{NUM_NAME_QUESTIONS}",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from xiaolm.config import ModelConfig, from_dict
+from xiaolm.config import LoraConfig, ModelConfig, from_dict
 from xiaolm.model.transformer import Transformer
 from xiaolm.tokenizer.bpe import XiaoTokenizer, load_tokenizer
 
@@ -247,9 +247,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge_lo
         )
     model, peft_model = Transformer(config), None
     if "lora" in configs:
-        from xiaolm.model.lora import LoraSettings, apply_lora, merge_lora as merge
+        from xiaolm.model.lora import apply_lora, merge_lora as merge
 
-        peft_model = apply_lora(model, LoraSettings(**configs["lora"]))
+        peft_model = apply_lora(model, from_dict(LoraConfig, configs["lora"]))
         load_weights(model, checkpoint / MODEL_FILE)
         if merge_lora:
             # peft froze the base weights; merged, they are a plain model's weights again

@@ -5,39 +5,59 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from xiaolm.config import CHAT_SAMPLING, ModelConfig, ServeConfig, TrainConfig
+from xiaolm.config import (
+    SAMPLING_PRESETS,
+    SHARED_TRAIN_FIELDS,
+    TRAIN_PRESETS,
+    LoraConfig,
+    McqConfig,
+    ModelConfig,
+    ServeConfig,
+    TrainConfig,
+    default_cache_dir,
+)
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XIAOLM_CACHE", Path.home() / ".cache" / "xiaolm"))
+def _field_type(f) -> type:
+    """The flag type of a config field: its annotation, with an optional's None left out."""
+    name = f.type if isinstance(f.type, str) else f.type.__name__
+    return _TYPES[name.removesuffix(" | None")]
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, exclude: frozenset[str] = frozenset()) -> None:
-    group = parser.add_argument_group(f"{cls.__name__} fields (default: the preset's value)")
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, exclude: frozenset[str] = frozenset(),
+                     prefix: str = "", defaults: dict[str, Any] | None = None,
+                     title: str | None = None) -> None:
+    """One flag per field of the config dataclass `cls`: `--{prefix}{field}` with dashes, its help
+    from the field's doc. The flags default to None (not given); the help shows the value used
+    then: `defaults` (a preset) or the field's own default."""
+    group = parser.add_argument_group(title or f"{cls.__name__} fields (default: the preset's value)")
     for f in fields(cls):
         if f.name in exclude:
             continue
-        kind = _TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
-        flag = "--" + f.name.replace("_", "-")
-        default = "" if f.default is MISSING else f" [{f.default}]"
-        help_text = f.metadata.get("help", "") + default
+        kind = _field_type(f)
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        default = (defaults or {}).get(f.name, f.default)
+        shown = "" if default is MISSING else f" [{default}]"
+        help_text = f.metadata.get("help", "").replace("%", "%%") + shown
         if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+            group.add_argument(flag, dest=prefix + f.name, type=kind, default=None, help=help_text)
 
 
-def config_overrides(args: argparse.Namespace, cls: type, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in fields(cls)
-            if f.name not in exclude and getattr(args, f.name, None) is not None}
+def config_overrides(args: argparse.Namespace, cls: type, *, exclude: frozenset[str] = frozenset(),
+                     prefix: str = "") -> dict[str, Any]:
+    """The fields of `cls` whose flags were given (`add_config_flags`)."""
+    return {f.name: getattr(args, prefix + f.name) for f in fields(cls)
+            if f.name not in exclude and getattr(args, prefix + f.name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,18 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--text-field", default="text")
     pre.add_argument("--skip-bad", action="store_true", help="count and skip malformed records instead of failing")
     add_config_flags(pre, ModelConfig, exclude=frozenset({"vocab_size"}))
-    add_config_flags(pre, TrainConfig)
+    add_train_flags(pre, "tiny")
 
     gen = commands.add_parser("generate", help="sample text from a checkpoint, streaming")
     gen.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--repetition-penalty", type=float, default=1.1)
-    gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", default="auto")
+    add_sampling_flags(gen, "generate")
 
     evaluate = commands.add_parser("eval", help="evaluate a model: multiple-choice exams, bits-per-byte").add_subparsers(
         dest="eval_command", required=True)
@@ -117,21 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     mcq.add_argument("--split", default="val", choices=["dev", "val", "test"], help="test: predictions and a "
                      "submission file, no accuracy [val]")
     mcq.add_argument("--subjects", nargs="+", default=None, help="only these subjects")
-    mcq.add_argument("--method", default="letter", choices=["letter", "text"],
-                     help="letter: probability of the option letter after the prompt (C-Eval's); "
-                          "text: log-likelihood per byte of each option's text [letter]")
-    mcq.add_argument("--shots", type=int, default=0, help="examples from the dev split before each question [0]")
-    mcq.add_argument("--explanations", action="store_true", help="show the dev examples' explanations")
-    mcq.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    mcq.add_argument("--batch-size", type=int, default=16)
     mcq.add_argument("--out", type=Path, default=None, help="folder for the results [RUN/evals]")
     mcq.add_argument("--device", default="auto")
-    mcq.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    add_config_flags(mcq, McqConfig, title="scoring (McqConfig)")
     ppl = evaluate.add_parser("ppl", help="loss, perplexity and bits-per-byte on held-out text")
     ppl.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder")
     ppl.add_argument("--data", nargs="+", required=True, help="text files or folders (jsonl/txt/parquet/csv)")
     ppl.add_argument("--text-field", default="text")
-    ppl.add_argument("--seq-len", type=int, default=None, help="tokens per window [the model's max_seq_len]")
+    ppl.add_argument("--seq-len", type=int, default=None,
+                     help="tokens per window; one longer than the model's max_seq_len is capped at it "
+                          "[max_seq_len]")
     ppl.add_argument("--batch-size", type=int, default=8)
     ppl.add_argument("--max-batches", type=int, default=None, help="stop after this many batches [all the text]")
     ppl.add_argument("--out", type=Path, default=None, help="folder for the results [RUN/evals]")
@@ -153,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones merge on load)")
     add_config_flags(serve, ServeConfig)
 
-    speed = commands.add_parser("speedrun", help="corpus -> tokenizer -> pretrain -> samples -> report, in one go")
+    shared = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(SHARED_TRAIN_FIELDS))
+    speed = commands.add_parser(
+        "speedrun", help="corpus -> tokenizer -> pretrain -> samples -> evals -> SFT -> DPO -> chat "
+                         "samples -> report, in one go",
+        description="The model and training flags set pretraining; SFT and DPO follow their own presets "
+                    f"(sft, dpo) and take from these flags only {shared}.")
     speed.add_argument("--preset", default="tiny")
     speed.add_argument("--out", type=Path, default=Path("runs/speedrun"), help="run folder [runs/speedrun]")
     speed.add_argument("--vocab-size", type=int, default=6400)
@@ -175,20 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SFT sequence length: only replies that fit whole are trained on, so a small model learns "
                             "short answers that end [128]")
     add_config_flags(speed, ModelConfig, exclude=frozenset({"vocab_size"}))
-    add_config_flags(speed, TrainConfig, exclude=frozenset({"out_dir"}))
+    add_train_flags(speed, "tiny", exclude=frozenset({"out_dir"}))
     return parser
 
 
 def _add_lora_flags(parser: argparse.ArgumentParser) -> None:
-    from xiaolm.model.lora import DEFAULT_TARGETS
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    add_config_flags(parser, LoraConfig, prefix="lora_", title="LoRA adapters with --lora (peft; pip install "
+                                                            "'xiaolm[lora]')")
 
-    group = parser.add_argument_group("LoRA (peft; pip install 'xiaolm[lora]')")
-    group.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
-    group.add_argument("--lora-rank", type=int, default=8)
-    group.add_argument("--lora-alpha", type=float, default=16.0)
-    group.add_argument("--lora-dropout", type=float, default=0.0)
-    group.add_argument("--lora-targets", default=DEFAULT_TARGETS,
-                       help="regular expression over module names (full match) [all attention and MLP projections]")
+
+def add_train_flags(parser: argparse.ArgumentParser, preset: str,
+                    exclude: frozenset[str] = frozenset()) -> None:
+    add_config_flags(parser, TrainConfig, exclude=exclude, defaults=TRAIN_PRESETS[preset],
+                     title=f"TrainConfig fields (default: the --preset's value; shown: the {preset!r} "
+                           "preset's)")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, preset: str) -> None:
+    from xiaolm.inference.sampling import SamplingConfig
+
+    add_config_flags(parser, SamplingConfig, defaults=SAMPLING_PRESETS[preset],
+                     title=f"sampling (default: the {preset!r} preset's value)")
 
 
 def _add_chat_data_flags(parser: argparse.ArgumentParser, preference: bool = False) -> None:
@@ -209,13 +232,14 @@ def _add_chat_data_flags(parser: argparse.ArgumentParser, preference: bool = Fal
 
 
 def add_alignment_commands(commands) -> None:
-    """sft, dpo, distill, lora merge and chat (train/align.py, model/lora.py, inference/chat.py)."""
+    """sft, dpo, distill, lora merge, export and chat (train/runners.py, model/lora.py, hf.py,
+    inference/chat.py)."""
     sft = commands.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant tokens)")
     sft.add_argument("--from", dest="from_ckpt", type=Path, required=True, help="checkpoint or run folder to start from")
     _add_chat_data_flags(sft)
     sft.add_argument("--preset", default="sft", help="training schedule preset [sft]")
     _add_lora_flags(sft)
-    add_config_flags(sft, TrainConfig)
+    add_train_flags(sft, "sft")
 
     dpo = commands.add_parser("dpo", help="direct preference optimisation against a frozen reference")
     dpo.add_argument("--from", dest="from_ckpt", type=Path, required=True, help="checkpoint or run folder to start from")
@@ -226,7 +250,7 @@ def add_alignment_commands(commands) -> None:
                      help="compute the reference log-probabilities once before training instead of every step [on]")
     dpo.add_argument("--preset", default="dpo", help="training schedule preset [dpo]")
     _add_lora_flags(dpo)
-    add_config_flags(dpo, TrainConfig)
+    add_train_flags(dpo, "dpo")
 
     distill = commands.add_parser("distill", help="train a student on a teacher's logits (KL) plus cross-entropy")
     distill.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint or run folder")
@@ -238,7 +262,7 @@ def add_alignment_commands(commands) -> None:
     distill.add_argument("--preset", default="distill", help="training schedule preset [distill]")
     _add_lora_flags(distill)
     add_config_flags(distill, ModelConfig, exclude=frozenset({"vocab_size"}))
-    add_config_flags(distill, TrainConfig)
+    add_train_flags(distill, "distill")
 
     lora = commands.add_parser("lora", help="LoRA adapters").add_subparsers(dest="lora_command", required=True)
     merge = lora.add_parser("merge", help="write a LoRA checkpoint as a plain checkpoint with merged weights")
@@ -282,13 +306,8 @@ def add_alignment_commands(commands) -> None:
     chat = commands.add_parser("chat", help="multi-turn streaming chat with a checkpoint (stdin may be piped)")
     chat.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones merge on load)")
     chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--max-new-tokens", type=int, default=CHAT_SAMPLING["max_new_tokens"])
-    chat.add_argument("--temperature", type=float, default=CHAT_SAMPLING["temperature"], help="0 for greedy")
-    chat.add_argument("--top-k", type=int, default=CHAT_SAMPLING["top_k"])
-    chat.add_argument("--top-p", type=float, default=CHAT_SAMPLING["top_p"])
-    chat.add_argument("--repetition-penalty", type=float, default=CHAT_SAMPLING["repetition_penalty"])
-    chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--device", default="auto")
+    add_sampling_flags(chat, "chat")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,7 +402,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from xiaolm.data.shards import tokenize_files
     from xiaolm.runtime import barrier, setup_runtime, shutdown_distributed
     from xiaolm.tokenizer.bpe import load_tokenizer
-    from xiaolm.train.pretrain import pretrain
+    from xiaolm.train.runners import run_pretrain
 
     tokenizer = load_tokenizer(args.tokenizer)
     model_cfg = ModelConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size,
@@ -400,9 +419,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if val is not None:
             tokenize_files(args.val_data, tokenizer, val, text_field=args.text_field, skip_bad=args.skip_bad)
     barrier(ctx)
-    result = pretrain(model_cfg, train_cfg, tokenizer, out / "tokens" / "train", val, runtime=runtime)
+    result = run_pretrain(model_cfg, train_cfg, tokenizer, out / "tokens" / "train", val, runtime=runtime)
     if ctx.is_main:
-        print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s; "
+        print(f"trained {result.num_steps} steps, {result.num_tokens:,} tokens in {result.seconds:.0f} s; "
               f"checkpoint {result.checkpoint}")
         from xiaolm.eval.report import render_report
 
@@ -418,8 +437,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.ckpt, args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    sampling = SamplingConfig.from_preset("generate", **config_overrides(args, SamplingConfig))
     for prompt in args.prompt:
         sys.stdout.write(prompt)
         for piece in stream_completion(model, tokenizer, prompt, sampling):
@@ -454,13 +472,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{name}: loss={result['loss']:.4f} perplexity={result['perplexity']:.2f} "
               f"bits_per_byte={result['bpb']:.4f} over {result['num_tokens']:,} tokens -> {out / (name + '.json')}")
         return 0
-    from xiaolm.eval.mcq import McqConfig, evaluate_mcq, format_summary, load_exam, write_mcq_results
+    from xiaolm.eval.mcq import evaluate_mcq, format_summary, load_exam, write_mcq_results
 
     exam = load_exam(args.data, args.split, args.subjects)
-    cfg = McqConfig(method=args.method, num_shots=args.shots, explanations=args.explanations, chat=args.chat,
-                    batch_size=args.batch_size, progress=args.progress)
+    cfg = McqConfig(**config_overrides(args, McqConfig))
     result = evaluate_mcq(model, tokenizer, exam, cfg)
-    name = f"mcq_{args.data.stem}_{args.split}_{args.method}_{args.shots}shot" + ("_chat" if args.chat else "")
+    name = f"mcq_{args.data.stem}_{args.split}_{cfg.method}_{cfg.num_shots}shot{'_chat' if cfg.chat else ''}"
     written = write_mcq_results(result, out, name)
     print(format_summary(result["summary"]))
     print("written: " + ", ".join(str(p) for p in written))
@@ -491,20 +508,16 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     speedrun(
         out=args.out, preset=args.preset, vocab_size=args.vocab_size, include_npm=args.npm,
         corpus=args.corpus, tokenizer_chars=args.tokenizer_chars, cache_dir=default_cache_dir(),
-        model_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})), train_overrides=config_overrides(args, TrainConfig),
-        sft_steps=100 if args.sft_steps is None else args.sft_steps, dpo_steps=args.dpo_steps,
-        sft_seq_len=args.sft_seq_len,
+        model_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})),
+        train_overrides=config_overrides(args, TrainConfig),
+        sft_steps=100 if args.sft_steps is None else args.sft_steps, dpo_steps=args.dpo_steps, sft_seq_len=args.sft_seq_len,
         pretrain_minutes=args.pretrain_minutes,
     )
     return 0
 
 
-def _lora_settings(args: argparse.Namespace):
-    if not args.lora:
-        return None
-    from xiaolm.model.lora import LoraSettings
-
-    return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
+def _lora_config(args: argparse.Namespace) -> LoraConfig | None:
+    return LoraConfig(**config_overrides(args, LoraConfig, prefix="lora_")) if args.lora else None
 
 
 def _alignment_train_config(args: argparse.Namespace) -> TrainConfig:
@@ -515,40 +528,41 @@ def _finish_alignment_run(result, args: argparse.Namespace) -> None:
     """Summary line and the run's report card, as every training command leaves."""
     from xiaolm.eval.report import render_report
 
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s; {result.last_eval}; checkpoint {result.checkpoint}")
+    print(f"trained {result.num_steps} steps in {result.seconds:.0f} s; {result.last_eval}; "
+          f"checkpoint {result.checkpoint}")
     print(f"report card: {render_report(_alignment_train_config(args).out_dir)}")
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from xiaolm.train.align import run_sft
+    from xiaolm.train.runners import run_sft
 
     result = run_sft(args.from_ckpt, args.data, _alignment_train_config(args), val_data=args.val_data,
                      fmt=args.chat_format, pack=args.pack, truncate=args.truncate,
                      val_fraction=args.val_fraction, skip_bad=args.skip_bad,
-                     lora=_lora_settings(args))
+                     lora=_lora_config(args))
     _finish_alignment_run(result, args)
     return 0
 
 
 def cmd_dpo(args: argparse.Namespace) -> int:
-    from xiaolm.train.align import run_dpo
+    from xiaolm.train.runners import run_dpo
 
     result = run_dpo(args.from_ckpt, args.data, _alignment_train_config(args), val_data=args.val_data,
                      beta=args.beta, reference_checkpoint=args.ref, precompute_reference=args.precompute_ref,
                      truncate=args.truncate,
-                     val_fraction=args.val_fraction, skip_bad=args.skip_bad, lora=_lora_settings(args))
+                     val_fraction=args.val_fraction, skip_bad=args.skip_bad, lora=_lora_config(args))
     _finish_alignment_run(result, args)
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from xiaolm.train.align import run_distill
+    from xiaolm.train.runners import run_distill
 
     result = run_distill(args.teacher, args.student, args.data, _alignment_train_config(args),
                          val_data=args.val_data, fmt=args.chat_format, pack=args.pack, truncate=args.truncate,
                          student_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})),
                          temperature=args.temperature, alpha=args.alpha, val_fraction=args.val_fraction,
-                         skip_bad=args.skip_bad, lora=_lora_settings(args))
+                         skip_bad=args.skip_bad, lora=_lora_config(args))
     _finish_alignment_run(result, args)
     return 0
 
@@ -613,8 +627,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from xiaolm.inference.chat import run_chat
     from xiaolm.inference.sampling import SamplingConfig
 
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    sampling = SamplingConfig.from_preset("chat", **config_overrides(args, SamplingConfig))
     return run_chat(args.ckpt, sampling, system=args.system, device=args.device)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,14 @@ def doc(help_text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> An
     if default is dataclasses.MISSING:
         return field(metadata={"help": help_text}, **kwargs)
     return field(default=default, metadata={"help": help_text}, **kwargs)
+
+
+def from_preset(cls: type, presets: dict[str, dict[str, Any]], kind: str, name: str,
+                overrides: dict[str, Any]) -> Any:
+    """`cls` built from the named preset with `overrides` on top."""
+    if name not in presets:
+        raise ValueError(f"unknown {kind} preset {name!r}; choose from {sorted(presets)}")
+    return cls(**{**presets[name], **overrides})
 
 
 def _multiple_of(value: float, multiple: int) -> int:
@@ -158,9 +167,7 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        if name not in MODEL_PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
-        return cls(**{**MODEL_PRESETS[name], **overrides})
+        return from_preset(cls, MODEL_PRESETS, "model", name, overrides)
 
 
 ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
@@ -195,7 +202,8 @@ class TrainConfig:
     """How one training stage runs. Saved with every checkpoint; resume refuses a mismatch."""
 
     out_dir: str = doc("Run folder: checkpoints, metrics.jsonl, config and report go here.", "runs/pretrain")
-    seq_len: int = doc("Tokens per packed training sequence.", 256)
+    seq_len: int = doc("Tokens per training sequence; one longer than the model's max_seq_len is capped "
+                       "at it.", 256)
     batch_size: int = doc("Sequences per micro-batch on each process.", 16)
     grad_accum_steps: int = doc("Micro-batches accumulated per optimizer step.", 1)
     max_steps: int = doc("Optimizer steps to train for.", 1000)
@@ -227,7 +235,7 @@ class TrainConfig:
         "Recompute each block's activations in backward instead of keeping them: far less memory for "
         "about a third more compute; the same losses.", False)
     eval_every: int = doc("Validate every N steps (and at the end); 0 disables.", 100)
-    eval_batches: int = doc("Micro-batches per validation.", 8)
+    num_eval_batches: int = doc("Micro-batches per validation (on each process).", 8)
     save_every: int = doc("Write a checkpoint every N steps (and at the end); 0: only at the end.", 200)
     keep_checkpoints: int = doc("How many recent checkpoints to keep.", 2)
     log_every: int = doc("Write train metrics every N steps.", 10)
@@ -251,39 +259,124 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
-        """The pretraining schedule that goes with a model preset (what speedrun uses)."""
-        if name not in TRAIN_PRESETS:
-            raise ValueError(f"unknown train preset {name!r}; choose from {sorted(TRAIN_PRESETS)}")
-        return cls(**{**TRAIN_PRESETS[name], **overrides})
+        """A named schedule: the pretraining schedule that goes with a model preset, or an alignment
+        stage's (sft, dpo, distill)."""
+        return from_preset(cls, TRAIN_PRESETS, "train", name, overrides)
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # sized so the whole speedrun (pretrain + SFT + DPO) fits in 20 minutes on 2 CPU cores
     "tiny": dict(seq_len=256, batch_size=16, max_steps=400, lr=3e-3, warmup_steps=20,
-                 eval_every=100, eval_batches=16, save_every=100),
+                 eval_every=100, num_eval_batches=16, save_every=100),
     # GPU scale: ~1B tokens at 32 x 512 x 4 tokens per step
     "minimind2-small": dict(seq_len=512, batch_size=32, grad_accum_steps=4, max_steps=15000, lr=1e-3,
-                            warmup_steps=500, eval_every=500, eval_batches=32, save_every=1000),
+                            warmup_steps=500, eval_every=500, num_eval_batches=32, save_every=1000),
     "minimind-3": dict(seq_len=512, batch_size=32, grad_accum_steps=4, max_steps=15000, lr=8e-4,
-                       warmup_steps=500, eval_every=500, eval_batches=32, save_every=1000),
+                       warmup_steps=500, eval_every=500, num_eval_batches=32, save_every=1000),
 }
 # MoE presets train on the schedule of their dense peer
 TRAIN_PRESETS.update({"tiny-moe": TRAIN_PRESETS["tiny"], "minimind-3-moe": TRAIN_PRESETS["minimind-3"],
                       "deepseek-moe-small": TRAIN_PRESETS["minimind2-small"]})
-# schedules of the alignment stages (train/align.py), any model size; seq_len is capped at the
-# model's max_seq_len. Learning rates chosen on the tiny model (see train/align.py).
+# Schedules of the alignment stages (train/stages.py), any model size, each with its own run folder.
+# Learning rates from a sweep on a small model (hidden 128, 2 layers, vocab 6400) pretrained 300
+# steps on data/sample, then trained on the default chat sets at seq_len 128, batch 16 (SFT) / 8
+# pairs (DPO), on CPU:
+# - SFT, val loss after 60 steps: lr 2e-4 6.49, 5e-4 6.34, 1e-3 6.21, 2e-3 6.09, 4e-3 6.03. 2e-3:
+#   within 0.06 of the best and under the pretraining peak (3e-3).
+# - DPO (beta 0.1), after 30 steps, val loss / chosen reward / margin (19 held-out pairs, so noisy):
+#   5e-6 0.691 / +0.002 / 0.003, 2e-5 0.686 / +0.007 / 0.014, 1e-4 0.662 / -0.04 / 0.07,
+#   3e-4 0.587 / -0.46 / 0.29, 1e-3 0.639 / -2.5 / 0.64. 1e-4: a clear gain while the chosen
+#   replies' log-probability barely moves; from 3e-4 up, DPO buys its margin mostly by lowering
+#   both replies' probability, the known failure mode.
 TRAIN_PRESETS.update({
-    "sft": dict(seq_len=256, batch_size=16, max_steps=300, lr=2e-3, warmup_steps=20, weight_decay=0.0,
-                eval_every=50, eval_batches=8, save_every=100),
-    "dpo": dict(seq_len=256, batch_size=8, max_steps=100, lr=1e-4, warmup_steps=10, weight_decay=0.0,
-                min_lr_ratio=1.0, eval_every=25, eval_batches=4, save_every=50),
-    "distill": dict(seq_len=256, batch_size=16, max_steps=300, lr=1e-3, warmup_steps=20,
-                    eval_every=50, eval_batches=8, save_every=100),
+    "sft": dict(out_dir="runs/sft", seq_len=256, batch_size=16, max_steps=300, lr=2e-3, warmup_steps=20,
+                weight_decay=0.0, eval_every=50, num_eval_batches=8, save_every=100),
+    "dpo": dict(out_dir="runs/dpo", seq_len=256, batch_size=8, max_steps=100, lr=1e-4, warmup_steps=10,
+                weight_decay=0.0, min_lr_ratio=1.0, eval_every=25, num_eval_batches=4, save_every=50),
+    "distill": dict(out_dir="runs/distill", seq_len=256, batch_size=16, max_steps=300, lr=1e-3,
+                    warmup_steps=20, eval_every=50, num_eval_batches=8, save_every=100),
 })
 
+SHARED_TRAIN_FIELDS = frozenset(
+    {"device", "precision", "compile", "activation_checkpointing", "seed", "max_bad_steps", "log_every",
+     "keep_checkpoints", "tensorboard", "wandb", "progress"}
+)
+"""Settings of where and how a run is made, not of its schedule: speedrun passes these on from its
+flags to its SFT and DPO stages, which otherwise follow their own presets."""
 
-CHAT_SAMPLING: dict[str, Any] = dict(max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.1)
-"""`xiaolm chat`'s generation settings (its flag defaults); speedrun's sample answers use them too."""
+
+def fit_seq_len(seq_len: int, *models: ModelConfig) -> int:
+    """The one rule for a sequence length longer than a model's context (every command that
+    trains or evaluates on fixed-length sequences): it is capped at the model's max_seq_len (the
+    shortest of several), and the cap is printed."""
+    limit = min(model.max_seq_len for model in models)
+    if seq_len <= limit:
+        return seq_len
+    print(f"seq_len {seq_len} -> {limit}: the model's max_seq_len (raise --max-seq-len when building a model "
+          "for longer sequences)")
+    return limit
+
+
+SAMPLING_PRESETS: dict[str, dict[str, Any]] = {  # of inference.sampling.SamplingConfig
+    # `xiaolm generate` and speedrun's sample continuations: text that goes on from a prompt
+    "generate": dict(max_new_tokens=128, temperature=0.8, top_k=0, top_p=0.95, repetition_penalty=1.1),
+    # `xiaolm chat`, and speedrun's and bench/chat_stop.py's answers: a little cooler, longer
+    "chat": dict(max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.1),
+}
+
+
+DEFAULT_LORA_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+"""Every attention and MLP projection of model/transformer.py (module names end with these)."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (model/lora.py, through peft); saved as the "lora" section of a checkpoint's
+    config.json, which is how a LoRA checkpoint is recognised."""
+
+    rank: int = doc("Rank r of each adapter (B @ A with A: r x in, B: out x r).", 8)
+    alpha: float = doc("Scale: the update is (alpha / rank) * B @ A.", 16.0)
+    dropout: float = doc("Dropout on the adapter's input.", 0.0)
+    targets: str = doc("Regular expression over module names (full match) choosing the nn.Linear layers to "
+                       "adapt; the default: every attention and MLP projection.", DEFAULT_LORA_TARGETS)
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0 or self.alpha <= 0:
+            raise ValueError(f"LoRA rank and alpha must be positive, got rank={self.rank}, "
+                             f"alpha={self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+MCQ_METHODS = ("letter", "text")
+
+
+@dataclass
+class McqConfig:
+    """How a multiple-choice exam is scored (eval/mcq.py)."""
+
+    method: str = doc("letter: probability of the option letter after the prompt (C-Eval's); text: "
+                      "log-likelihood per byte of each option's text.", "letter")
+    num_shots: int = doc("Examples from the dev split before each question.", 0)
+    explanations: bool = doc("Show the dev examples' explanations.", False)
+    chat: bool = doc("Wrap the prompt in the chat template.", False)
+    batch_size: int = doc("Questions scored per forward.", 16)
+    progress: bool = doc("Show a progress bar.", True)
+
+    def __post_init__(self) -> None:
+        if self.method not in MCQ_METHODS:
+            raise ValueError(f"method must be one of {MCQ_METHODS}, got {self.method!r}")
+        if self.num_shots < 0 or self.batch_size <= 0:
+            raise ValueError(f"num_shots must be >= 0 and batch_size > 0, got {self.num_shots}, "
+                             f"{self.batch_size}")
+
+
+def default_cache_dir() -> Path:
+    """Where fetched packages, the default corpus and the chat sets are cached:
+    `$XIAOLM_CACHE`, else ~/.cache/xiaolm (packages under CACHE/packages, the corpus under
+    CACHE/corpus/default)."""
+    base = os.environ.get("XIAOLM_CACHE")
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "xiaolm"
 
 
 @dataclass
@@ -319,7 +412,7 @@ class ServeConfig:
 # Fields that may differ between the run that wrote a checkpoint and the run resuming it:
 # they change bookkeeping or how long to go on, not what an exact continuation computes.
 RESUMABLE_TRAIN_FIELDS = frozenset(
-    {"out_dir", "max_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+    {"out_dir", "max_steps", "eval_every", "num_eval_batches", "save_every", "keep_checkpoints",
      "log_every", "resume", "tensorboard", "wandb", "progress", "device", "compile", "activation_checkpointing",
      "stop_after_steps"}
 )

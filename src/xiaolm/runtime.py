@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from xiaolm.config import default_cache_dir
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -121,6 +123,20 @@ def rank_batches(num_items: int, batch_size: int, num_batches: int, ctx: DistCon
     first = ctx.rank * per_rank
     for start in range(first, first + per_rank, batch_size):
         yield range(start, min(start + batch_size, first + per_rank))
+
+
+def evaluation_sums(runtime: Runtime, num_items: int, batch_size: int, num_batches: int, num_sums: int,
+                    batch_sums: Callable[[range], torch.Tensor]) -> torch.Tensor:
+    """Sums over the first items of an evaluation set, all ranks together (`rank_batches`: each
+    takes its share). `batch_sums(indices)` gives one batch's `num_sums` float64 sums (nats, tokens,
+    ...) on the runtime's device; it runs under the runtime's autocast. Every stage's validation
+    and `xiaolm eval ppl` go through it; call it on every rank (it all-reduces)."""
+    totals = torch.zeros(num_sums, dtype=torch.float64, device=runtime.device)
+    for indices in rank_batches(num_items, batch_size, num_batches, runtime.ctx):
+        with runtime.autocast():
+            sums = batch_sums(indices)
+        totals += sums
+    return all_reduce_sum(totals, runtime.ctx)
 
 
 def shutdown_distributed() -> None:
@@ -232,11 +248,6 @@ def _git_commit() -> str | None:
 # What this machine can do, measured once and cached per machine
 
 
-def cache_root() -> Path:
-    """`$XIAOLM_CACHE`, else ~/.cache/xiaolm: corpus, packages and machine measurements live here."""
-    return Path(os.environ.get("XIAOLM_CACHE", Path.home() / ".cache" / "xiaolm"))
-
-
 def cpu_model_and_flags() -> tuple[str, set[str]]:
     """The CPU's model name and its feature flags (/proc/cpuinfo; empty where there is none)."""
     name, flags = platform.processor() or platform.machine(), set()
@@ -271,7 +282,7 @@ class MachineCache:
     through a temporary file, so a concurrent reader never sees half a file."""
 
     def __init__(self, device: torch.device, path: Path | None = None) -> None:
-        self.path = path or cache_root() / "machine.json"
+        self.path = path or default_cache_dir() / "machine.json"
         self.fingerprint = machine_fingerprint(device)
         self.key = hashlib.sha1(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -334,6 +345,20 @@ def matmul_peak(device: torch.device, precision: str, cache: MachineCache | None
         peak = measure_matmul_peak(device, precision)
         cache.put("matmul_peak_flops", precision, peak)
     return float(peak)
+
+
+def raise_matmul_peak(device: torch.device, precision: str, flops_per_second: float,
+                      cache: MachineCache | None = None) -> float:
+    """Record `flops_per_second` as this machine's matmul peak when it beats the cached one, and
+    return the peak. A model's training step is all matmul FLOPs by the count MFU uses, so what it
+    reached is a lower bound of the peak: a peak first measured while other work loaded the machine
+    (a shared CI box) is corrected by the first run that does better, instead of MFU above 1."""
+    cache = cache or MachineCache(device)
+    peak = float(cache.get("matmul_peak_flops", precision) or 0.0)
+    if flops_per_second > peak:
+        peak = flops_per_second
+        cache.put("matmul_peak_flops", precision, peak)
+    return peak
 
 
 def time_training_steps(model: torch.nn.Module, batch_size: int, seq_len: int, rounds: int) -> dict[str, float]:

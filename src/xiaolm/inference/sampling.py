@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from xiaolm.config import SAMPLING_PRESETS, doc, from_preset
 
 GREEDY_BELOW = 1e-5
 """Temperatures below this sample greedily, as 0 does: dividing logits by them overflows float32."""
@@ -19,14 +22,22 @@ GREEDY_BELOW = 1e-5
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.8  # 0 means greedy
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0  # 1 disables
-    repetition_penalty: float = 1.0  # 1 disables; >1 discourages tokens already in the context (CTRL)
-    seed: int | None = None  # None draws from torch's global generator
-    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
-    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
+    """How one request is sampled; the commands start from a named preset (config.SAMPLING_PRESETS)."""
+
+    max_new_tokens: int = doc("Tokens to generate at most (the model's context may stop it sooner).", 128)
+    temperature: float = doc("Softmax temperature; 0 means greedy.", 0.8)
+    top_k: int = doc("Sample among the k most likely tokens; 0 disables.", 0)
+    top_p: float = doc("Sample among the most likely tokens that cover probability p; 1 disables.", 1.0)
+    repetition_penalty: float = doc("Above 1 discourages tokens already in the context (CTRL's); 1 disables.",
+                                    1.0)
+    seed: int | None = doc("Seed of the sampler, for repeatable samples (none: torch's global generator).",
+                           None)
+    presence_penalty: float = doc("OpenAI's: subtracted once from every token already generated.", 0.0)
+    frequency_penalty: float = doc("OpenAI's: subtracted once per time a token was generated.", 0.0)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> SamplingConfig:
+        return from_preset(cls, SAMPLING_PRESETS, "sampling", name, overrides)
 
     @property
     def greedy(self) -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from xiaolm.data.packages import SMOLLM2, Package, default_cache_dir, fetch_and_unpack
+from xiaolm.config import default_cache_dir
+from xiaolm.data.packages import SMOLLM2, Package, fetch_and_unpack
 
 
 @dataclass(frozen=True)

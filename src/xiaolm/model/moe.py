@@ -20,8 +20,8 @@ Choices, top to bottom:
 - load balancing by an auxiliary loss E * sum_i f_i * P_i (f_i: fraction of assignments routed to
   expert i, P_i: its mean router probability), over the micro-batch ("batch", Switch / minimind) or
   per sequence and averaged ("sequence", DeepSeek); it is 1 for balanced routing and the training loss
-  adds `moe_aux_loss_coef` times its sum over MoE layers (`Transformer.aux_loss()`, called by the
-  shared loss in train/stages.py);
+  adds `moe_aux_loss_coef` times its sum over MoE layers, which the model's forward returns with
+  `return_aux_loss=True` (what every training stage's loss asks for, train/stages.py);
 - optionally aux-loss-free balancing (DeepSeek-V3): a per-expert bias, a buffer saved with the
   weights, is added to the scores for choosing experts only (never to the weights), and after every
   optimizer step moves by `moe_bias_update_rate` against the sign of each expert's load error.
@@ -174,14 +174,6 @@ class MoEFeedForward(nn.Module):
 
 def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
     return [module for module in model.modules() if isinstance(module, MoEFeedForward)]
-
-
-def total_aux_loss(model: nn.Module, coefficient: float) -> torch.Tensor | None:
-    """coefficient * the sum of the MoE layers' balance losses from the latest training forward."""
-    losses = [layer.last_aux_loss for layer in moe_layers(model) if layer.last_aux_loss is not None]
-    if not losses or not coefficient:
-        return None
-    return coefficient * torch.stack(losses).sum()
 
 
 @torch.no_grad()

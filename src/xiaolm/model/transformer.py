@@ -310,13 +310,17 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_aux_loss: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids (B, T) -> logits (B, T, V); with targets (B, T), the mean cross-entropy of the
-        targets that are not -100 instead (fp32 scalar; logits never materialised whole).
+        targets that are not -100 instead (fp32 scalar; logits never materialised whole). With
+        `return_aux_loss`, (that, aux_loss).
 
         With a cache, each row's positions start at its filled length and the cache advances by T.
         `attn_mask` (bool, broadcastable to (B, H, T, S), True = may attend) overrides the causal
-        mask, e.g. to keep packed documents apart.
+        mask, e.g. to keep packed documents apart. `aux_loss` is what the training loss adds for
+        this forward: the MoE load-balancing loss times moe_aux_loss_coef; None for a dense model,
+        in eval mode, or with the loss off.
         """
         B, T = input_ids.shape
         end = T + (int(cache.lengths.max()) if cache is not None else 0)  # the longest row's new length
@@ -348,11 +352,20 @@ class Transformer(nn.Module):
             cache.advance()
         x = self.norm(x)
         if targets is not None and type(self.lm_head) is nn.Linear:  # not under a LoRA wrapper
-            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        logits = self.lm_head(x)  # (B, T, V)
-        if targets is not None:
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return logits
+            out = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        elif targets is not None:
+            logits = self.lm_head(x)  # (B, T, V)
+            out = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        else:
+            out = self.lm_head(x)  # (B, T, V)
+        if not return_aux_loss:
+            return out
+        # each MoE layer's load-balancing loss of this forward (model/moe.py; None in eval mode)
+        balance = [block.mlp.last_aux_loss for block in self.layers
+                   if getattr(block.mlp, "last_aux_loss", None) is not None]
+        if not balance or not self.config.moe_aux_loss_coef:
+            return out, None
+        return out, self.config.moe_aux_loss_coef * torch.stack(balance).sum()
 
     def rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables (at least `length` rows) for a forward that ends at position `length`.
@@ -363,13 +376,6 @@ class Transformer(nn.Module):
             return self.rope_cos, self.rope_sin
         cos, sin = rope_tables(self.config, length, length)
         return cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
-
-    def aux_loss(self) -> torch.Tensor | None:
-        """What the training loss adds for the latest training-mode forward: the MoE load-balancing
-        loss times its coefficient; None for a dense model, in eval mode, or with the loss off."""
-        from xiaolm.model.moe import total_aux_loss
-
-        return total_aux_loss(self, self.config.moe_aux_loss_coef)
 
     def training_metrics(self, reduce) -> dict:
         """Extra metrics logged by the training loop (MoE expert load and balance loss)."""
