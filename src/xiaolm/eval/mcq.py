@@ -6,7 +6,8 @@ no answers) and an optional `subject_mapping.json` ({subject: [english, chinese,
 ships it); or one such CSV; or jsonl records {question, options: [...], answer: index or letter}.
 
 Two scoring methods:
-- `letter` (C-Eval's zero-shot method): the prompt lists the lettered options and ends with "答案：";
+- `letter` (C-Eval's zero-shot method): the prompt lists the lettered options and ends with "答案："
+  ("Answer: " for a subject the mapping marks English, MMLU's wording);
   the prediction is the option letter with the highest probability there. All letters follow the same
   prompt, so one forward pass per question scores every option; questions are batched.
 - `text`: the prompt is the question alone; each option's text is scored as a continuation, by its
@@ -33,6 +34,11 @@ from xiaolm.tokenizer.bpe import XiaoTokenizer
 
 LETTERS = string.ascii_uppercase
 SPLITS = ("dev", "val", "test")
+PROMPT_WORDS = {  # language: (header, answer cue, explanation cue)
+    "zh": ("以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n", "答案：", "解析："),
+    "en": ("The following are multiple choice questions about {subject}. Choose the correct answer.\n\n",
+           "Answer: ", "Explanation: "),
+}
 
 
 @dataclass
@@ -55,9 +61,16 @@ class Exam:
     mapping: dict[str, list[str]] = field(default_factory=dict)
 
     def subject_name(self, subject: str) -> str:
-        """The subject's Chinese name (C-Eval's prompt wording) where the mapping has one."""
+        """The subject's name in its questions' language (C-Eval's prompt wording) where the mapping
+        has one."""
         names = self.mapping.get(subject)
-        return names[1] if names and len(names) > 1 else subject.replace("_", " ")
+        index = 0 if self.language(subject) == "en" else 1
+        return names[index] if names and len(names) > index else subject.replace("_", " ")
+
+    def language(self, subject: str) -> str:
+        """"en" or "zh": the mapping's optional fourth field (xiaolm's), Chinese without it."""
+        names = self.mapping.get(subject)
+        return names[3] if names and len(names) > 3 else "zh"
 
     def category(self, subject: str) -> str | None:
         names = self.mapping.get(subject)
@@ -251,24 +264,25 @@ def format_question(q: Question, with_options: bool) -> str:
 
 def build_prompt(q: Question, exam: Exam, method: str, num_shots: int = 0, explanations: bool = False,
                  chat: XiaoTokenizer | None = None) -> str:
-    """The text before the scored answer. C-Eval's wording; k-shot examples come from the subject's
-    dev split (their explanations after the answer line when asked for). `chat`: the tokenizer whose
-    chat template wraps the question as a user turn."""
+    """The text before the scored answer. C-Eval's wording (MMLU's for English subjects); k-shot
+    examples come from the subject's dev split (their explanations after the answer line when asked
+    for). `chat`: the tokenizer whose chat template wraps the question as a user turn."""
     with_options = method == "letter"
-    header = f"以下是中国关于{exam.subject_name(q.subject)}考试的单项选择题，请选出其中的正确答案。\n\n"
+    header, answer_cue, explanation_cue = PROMPT_WORDS[exam.language(q.subject)]
+    header = header.format(subject=exam.subject_name(q.subject))
     shots = []
     for shot in exam.dev.get(q.subject, [])[:num_shots]:
         if shot.answer is None:
             continue
         answer = LETTERS[shot.answer] if with_options else shot.options[shot.answer]
-        text = f"{format_question(shot, with_options)}\n答案：{answer}"
+        text = f"{format_question(shot, with_options)}\n{answer_cue}{answer}"
         if explanations and shot.explanation:
-            text += f"\n解析：{shot.explanation}"
+            text += f"\n{explanation_cue}{shot.explanation}"
         shots.append(text + "\n\n")
     body = header + "".join(shots) + format_question(q, with_options)
     if chat:
-        return chat.render_chat([{"role": "user", "content": body}], add_generation_prompt=True) + "答案："
-    return body + "\n答案："
+        return chat.render_chat([{"role": "user", "content": body}], add_generation_prompt=True) + answer_cue
+    return body + "\n" + answer_cue
 
 
 def option_continuations(q: Question, method: str) -> list[str]:

@@ -91,9 +91,10 @@ def _read_json(path: Path) -> Any:
 
 
 def find_training_dir(run_dir: str | Path) -> Path:
-    """The folder with metrics.jsonl: the run folder itself, or a speedrun's `pretrain/`."""
+    """The folder with metrics.jsonl: the run folder itself, or a speedrun's `pretrain/` (a base
+    model's speedrun: `sft/`)."""
     run_dir = Path(run_dir)
-    for candidate in (run_dir, run_dir / "pretrain"):
+    for candidate in (run_dir, run_dir / "pretrain", run_dir / "sft"):
         if (candidate / "metrics.jsonl").is_file() or (candidate / "config.json").is_file():
             return candidate
     raise ValueError(f"{run_dir}: no training run here (expected metrics.jsonl or pretrain/metrics.jsonl)")
