@@ -197,10 +197,12 @@ def test_speedrun_on_the_sample(tmp_path):
     assert "reward_accuracy" in dpo_metrics[-1]  # (the sample's 2 held-out pairs are too long for this model)
     answers = summary["chat"]["answers"]
     assert [len(answers[name]) for name in ("pretrain", "sft", "dpo")] == [6, 6, 6]
-    assert all(a["ended_by"] in ("<|im_end|>", "<|endoftext|>", None) and a["stopped"] == (a["ended_by"] == "<|im_end|>")
+    assert all(a["ended_by"] in ("<|im_end|>", "<|endoftext|>", None)
+               and a["stopped"] == (a["ended_by"] == "<|im_end|>")
                for name in answers for a in answers[name])
     held_out = summary["chat"]["held_out"]  # the committed sample's 8 held-out SFT conversations
-    assert set(held_out) == {"sft", "dpo"} and all(h["asked"] == 8 and 0 <= h["stopped"] <= 8 for h in held_out.values())
+    assert set(held_out) == {"sft", "dpo"}
+    assert all(h["asked"] == 8 and 0 <= h["stopped"] <= 8 for h in held_out.values())
     assert "## Chat" in report and re.search(r"\*\*dpo\*\* \(stopped \d/6; held out: stopped \d/8\)", report)
     # running it again resumes: nothing is retrained, the report is rewritten
     shutil.rmtree(out / "samples", ignore_errors=True)
@@ -213,7 +215,8 @@ def test_speedrun_on_the_sample(tmp_path):
     assert "reusing" in again.stdout
 
 
-@pytest.mark.parametrize("flag", ["--hidden-size", "--lr", "--grad-accum-steps", "--precision", "--compile", "--resume"])
+@pytest.mark.parametrize("flag", ["--hidden-size", "--lr", "--grad-accum-steps", "--precision", "--compile",
+                                  "--resume"])
 def test_every_config_field_has_a_flag(flag, capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])

@@ -166,7 +166,8 @@ def before_after_markdown(summary: dict[str, Any]) -> str:
              "after": f"{after['says_xiaolm']}/{NUM_NAME_QUESTIONS}"}]
     if "mcq" in before:
         rows.append({"": f"{ENGLISH_SUBJECT} accuracy (chance {100 * before['mcq']['chance']:.0f}%)",
-                     "before": f"{100 * before['mcq']['accuracy']:.1f}%", "after": f"{100 * after['mcq']['accuracy']:.1f}%"})
+                     "before": f"{100 * before['mcq']['accuracy']:.1f}%",
+                     "after": f"{100 * after['mcq']['accuracy']:.1f}%"})
     if "bpb" in before:
         rows.append({"": "val bits-per-byte (first 8 x 4 x 256 tokens)", "before": f"{before['bpb']:.4f}",
                      "after": f"{after['bpb']:.4f}"})

@@ -582,7 +582,8 @@ def load_weights(model: Transformer, file: Path) -> None:
     bad_missing = set(missing) - allowed_missing
     if bad_missing or unexpected:
         raise ValueError(
-            f"{file}: weights do not fit the model config: missing {sorted(bad_missing)}, unexpected {sorted(unexpected)}"
+            f"{file}: weights do not fit the model config: missing {sorted(bad_missing)}, "
+            f"unexpected {sorted(unexpected)}"
         )
 
 

