@@ -144,7 +144,7 @@ def test_llama_cpp_computes_the_same_logits(tmp_path, tokenizer, overrides):
     """llama.cpp itself, when its Python binding is installed (it builds from source: docs/gguf.md)."""
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python is not installed (no wheel; it builds from source in about "
-                            "18 minutes, see docs/gguf.md)")
+                            "11 CPU-minutes, see docs/gguf.md)")
     checkpoint, model = perturbed_checkpoint(tmp_path / "ckpt", tokenizer, **overrides)
     out = export_gguf(checkpoint, tmp_path / "m.gguf", dtype="f32")
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False)
