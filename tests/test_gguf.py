@@ -2,6 +2,7 @@
 llama.cpp's Python binding (when it is installed)."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -357,3 +358,13 @@ def test_the_built_in_smollm2_imports_and_answers(tmp_path):
     answer = "".join(stream_completion(loaded.model, tokenizer, prompt, SamplingConfig(max_new_tokens=12,
                                                                                          temperature=0)))
     assert "Paris" in answer
+
+
+@pytest.mark.parametrize("missing", ["accelerate", "transformers"])
+def test_a_missing_extra_is_one_error_naming_it(tmp_path, capsys, monkeypatch, missing):
+    """Reading a GGUF file without the [gguf] extra's packages is one line saying what to install,
+    before any work (not a ModuleNotFoundError from inside the loader)."""
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` raises ImportError
+    assert main(["import", "gguf", str(tmp_path / "model.gguf"), "--out", str(tmp_path / "out")]) == 2
+    assert "pip install 'xiaolm[gguf]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -37,12 +37,13 @@ MAGIC = b"GGUF"
 def require_transformers_gguf():
     from xiaolm.interop.hf_export import require_transformers
 
-    transformers = require_transformers()
     require_gguf()
     try:
+        transformers = require_transformers()
         import accelerate  # noqa: F401  transformers' GGUF loading asks for it
-    except ImportError as error:
-        raise ValueError("reading GGUF files needs accelerate: pip install 'xiaolm[gguf]'") from error
+    except (ImportError, ValueError) as error:
+        raise ValueError("reading GGUF files needs transformers and accelerate: pip install 'xiaolm[gguf]'"
+                         ) from error
     return transformers
 
 
@@ -107,10 +108,11 @@ def read_gguf_tokenizer(path: Path, transformers) -> XiaoTokenizer:
 def load_gguf(path: str | Path) -> tuple[Transformer, XiaoTokenizer, dict[str, Any]]:
     """(model, tokenizer, configs) of a GGUF file; configs as a checkpoint's config.json holds them,
     with where the model came from under "imported_from"."""
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
     from xiaolm.interop.hf_config import config_from_hf
     from xiaolm.interop.hf_import import model_from_hf
+
+    require_transformers_gguf()  # one clear line when an extra is missing, before any work
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     path = Path(path)
     reader = open_gguf(path)
