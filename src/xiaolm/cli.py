@@ -370,9 +370,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
-    from xiaolm.data.stats import DEFAULT_SEQ_LENS, data_stats, format_stats, plot_lengths
+    from xiaolm.data.stats import DEFAULT_SEQ_LENS, data_stats, format_stats, plot_lengths, require_pyplot
     from xiaolm.tokenizer.bpe import load_tokenizer
 
+    if args.plot:
+        require_pyplot()
     result = data_stats(args.data, load_tokenizer(args.tokenizer), kind=args.kind,
                         seq_lens=args.seq_len or DEFAULT_SEQ_LENS, text_field=args.text_field,
                         fmt=args.chat_format, skip_bad=args.skip_bad)

@@ -137,8 +137,9 @@ def _number(value: float) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
-def plot_lengths(result: dict[str, Any], path: str | Path) -> Path:
-    """A histogram PNG of every length distribution, one panel each, with the p50/p95/p99 marks."""
+def require_pyplot():
+    """matplotlib's pyplot on the Agg backend, or one error saying what to install (checked before
+    the lengths are counted, so a missing extra costs no work)."""
     try:
         import matplotlib
 
@@ -146,6 +147,12 @@ def plot_lengths(result: dict[str, Any], path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise ValueError("--plot needs matplotlib: pip install 'xiaolm[report]'") from error
+    return plt
+
+
+def plot_lengths(result: dict[str, Any], path: str | Path) -> Path:
+    """A histogram PNG of every length distribution, one panel each, with the p50/p95/p99 marks."""
+    plt = require_pyplot()
     lengths = result["lengths"]
     figure, axes = plt.subplots(len(lengths), 1, figsize=(8, 2.6 * len(lengths)), squeeze=False)
     for axis, (name, values) in zip(axes[:, 0], lengths.items()):
