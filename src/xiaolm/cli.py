@@ -459,6 +459,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         from xiaolm.eval.report import render_report
 
         print(f"report card: {render_report(out)}")  # every run leaves its curves and evals in its folder
+    barrier(ctx)  # every rank leaves together: a process group torn down while a peer still works can abort
     shutdown_distributed()
     return 0
 
