@@ -331,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:  # SIGINT / SIGTERM during training: checkpoint written
         if stop.checkpoint is not None:  # the main process says it
             print(f"xiaolm: {stop}", file=sys.stderr)
+        from xiaolm.runtime import shutdown_distributed
+
+        # every rank stopped after the same step: tear the process group down before exiting, as a
+        # finished run does (gloo's threads left to the interpreter's exit can abort the process)
+        shutdown_distributed()
         return stop.exit_code
     except OSError as error:  # the file system refused (full, read-only, no permission): one line as well
         if error.filename is None:
