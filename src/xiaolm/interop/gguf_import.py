@@ -111,7 +111,7 @@ def load_gguf(path: str | Path) -> tuple[Transformer, XiaoTokenizer, dict[str, A
     from xiaolm.interop.hf_config import config_from_hf
     from xiaolm.interop.hf_import import model_from_hf
 
-    require_transformers_gguf()  # one clear line when an extra is missing, before any work
+    transformers = require_transformers_gguf()  # one clear line when an extra is missing, before any work
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     path = Path(path)
@@ -122,7 +122,6 @@ def load_gguf(path: str | Path) -> tuple[Transformer, XiaoTokenizer, dict[str, A
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     del reader
-    transformers = require_transformers_gguf()
     hf = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     config, model_type = config_from_hf({**hf.to_dict(), **extra})
     tokenizer = read_gguf_tokenizer(path, transformers)
