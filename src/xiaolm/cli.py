@@ -331,11 +331,6 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:  # SIGINT / SIGTERM during training: checkpoint written
         if stop.checkpoint is not None:  # the main process says it
             print(f"xiaolm: {stop}", file=sys.stderr)
-        from xiaolm.runtime import shutdown_distributed
-
-        # every rank stopped after the same step: tear the process group down before exiting, as a
-        # finished run does (gloo's threads left to the interpreter's exit can abort the process)
-        shutdown_distributed()
         return stop.exit_code
     except OSError as error:  # the file system refused (full, read-only, no permission): one line as well
         if error.filename is None:
@@ -345,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # training answers signals itself (train/signals.py); elsewhere nothing is saved
         print("\nxiaolm: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # under torchrun, whatever the command and however it ended: the process group is torn down
+        # before the process exits (gloo's threads left to the interpreter's exit can abort it). Only a
+        # command that loaded torch.distributed can hold one, so the others stay light.
+        if "torch.distributed" in sys.modules:
+            from xiaolm.runtime import shutdown_distributed
+
+            shutdown_distributed()
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -434,7 +437,7 @@ def tokenizer_stats(tokenizer, texts) -> dict[str, float]:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from xiaolm.data.shards import tokenize_files
-    from xiaolm.runtime import barrier, check_model_fits, setup_runtime, shutdown_distributed
+    from xiaolm.runtime import barrier, check_model_fits, setup_runtime
     from xiaolm.tokenizer.bpe import load_tokenizer
     from xiaolm.train.loop import check_run_folder
     from xiaolm.train.runners import run_pretrain
@@ -464,8 +467,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         from xiaolm.eval.report import render_report
 
         print(f"report card: {render_report(out)}")  # every run leaves its curves and evals in its folder
-    barrier(ctx)  # every rank leaves together: a process group torn down while a peer still works can abort
-    shutdown_distributed()
+    barrier(ctx)  # every rank leaves together (main then tears the process group down)
     return 0
 
 
