@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 
 import torch
 
@@ -22,11 +23,11 @@ from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.model.transformer import Transformer
 
 
-def xiaolm_generate(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def xiaolm_generate(engine: Engine, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Each row a request of the engine (each prefilled alone, then decoded in one batch)."""
     greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
     requests = [Request(row, greedy) for row in prompt.tolist()]
-    Engine(model, None, num_slots=len(requests), max_len=prompt.shape[1] + new_tokens).run(requests)
+    engine.run(requests)
     return torch.tensor([r.output_ids for r in requests])  # (B, new_tokens)
 
 
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed runs of each, interleaved")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true",
+                        help="xiaolm decodes with its compiled step (compiled in the warmup run; time printed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -79,12 +82,23 @@ def main() -> None:
     for batch_size in args.batch_sizes:
         prompt = torch.randint(3, config.vocab_size, (batch_size, args.prompt_len), generator=generator)
         outputs = {}
+        # one engine for every run, as a server or a chat session keeps one (its cache allocated once)
+        engine = Engine(xiao, None, num_slots=batch_size, max_len=args.prompt_len + args.new_tokens,
+                        compile=args.compile)
         runs = {
-            "xiaolm": lambda: outputs.update(xiaolm=xiaolm_generate(xiao, prompt, args.new_tokens)),
+            "xiaolm": lambda: outputs.update(xiaolm=xiaolm_generate(engine, prompt, args.new_tokens)),
             "transformers": lambda: outputs.update(transformers=hf_generate(hf, prompt, args.new_tokens)),
         }
-        for run in runs.values():  # warmup, and the outputs to compare
+        warmup = {}
+        for name, run in runs.items():  # warmup (and compile), and the outputs to compare
+            started = time.perf_counter()
             run()
+            warmup[name] = time.perf_counter() - started
+        if args.compile:
+            if engine.compiled is None or engine.compiled.failed:
+                raise RuntimeError("the compiled decode step failed (see above)")
+            notes.append(f"batch {batch_size}: xiaolm's warmup run, compiling included, took {warmup['xiaolm']:.1f} s "
+                         f"(transformers' {warmup['transformers']:.1f} s).")
         for name, out in outputs.items():
             if out.shape != (batch_size, args.new_tokens):
                 raise RuntimeError(f"{name} produced {tuple(out.shape)} tokens")
@@ -101,6 +115,7 @@ def main() -> None:
               f"transformers {[round(t, 2) for t in times['transformers']]}", flush=True)
 
     notes.append(f"Model: preset {args.preset}, fp32, random weights (same in both), "
+                 f"xiaolm {'compiled (--compile)' if args.compile else 'eager'}, "
                  f"vocab {args.vocab_size}; "
                  f"{args.prompt_len}-token random prompt, {args.new_tokens} new tokens per row, greedy; "
                  f"tok/s = batch x new tokens / wall time of the whole call (prefill included); "

@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
     gen.add_argument("--device", default="auto")
+    gen.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     add_sampling_flags(gen, "generate")
 
     eval_help = "evaluate a model: multiple-choice exams, bits-per-byte"
@@ -213,6 +214,10 @@ def add_train_flags(parser: argparse.ArgumentParser, preset: str,
     add_config_flags(parser, TrainConfig, exclude=exclude, defaults=TRAIN_PRESETS[preset],
                      title=f"TrainConfig fields (default: the --preset's value; shown: the {preset!r} "
                            "preset's)")
+
+
+COMPILE_HELP = ("decode with a compiled step (torch.compile): 2-3x faster per token on CPU, after tens of seconds "
+                "of compiling at the first reply; decodes eagerly where compiling fails [off]")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, preset: str) -> None:
@@ -318,6 +323,7 @@ def add_alignment_commands(commands) -> None:
     chat.add_argument("--ckpt", type=Path, required=True, help="checkpoint or run folder (LoRA ones merge on load)")
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--device", default="auto")
+    chat.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     add_sampling_flags(chat, "chat")
 
 
@@ -473,15 +479,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from xiaolm.checkpoint import load_model
-    from xiaolm.inference.engine import stream_completion
+    from xiaolm.inference.engine import Engine, stream_completion
     from xiaolm.inference.sampling import SamplingConfig
 
     loaded = load_model(args.ckpt, args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     sampling = SamplingConfig.from_preset("generate", **config_overrides(args, SamplingConfig))
+    engine = Engine(model, tokenizer, compile=True) if args.compile else None  # one for every prompt
     for prompt in args.prompt:
         sys.stdout.write(prompt)
-        for piece in stream_completion(model, tokenizer, prompt, sampling):
+        for piece in stream_completion(model, tokenizer, prompt, sampling, engine):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -677,7 +684,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from xiaolm.inference.sampling import SamplingConfig
 
     sampling = SamplingConfig.from_preset("chat", **config_overrides(args, SamplingConfig))
-    return run_chat(args.ckpt, sampling, system=args.system, device=args.device)
+    return run_chat(args.ckpt, sampling, system=args.system, device=args.device, compile=args.compile)
 
 
 COMMANDS = {

@@ -453,6 +453,8 @@ class ServeConfig:
                           "(the context may end a reply sooner: finish_reason length).", 512)
     max_messages: int = doc("Most messages in one chat request.", 256)
     max_body_bytes: int = doc("Largest request body; more gets 413.", 1_000_000)
+    compile: bool = doc("Decode with a compiled step (torch.compile; inference/compiled.py), compiled before "
+                        "the server listens: tens of seconds at start, 2-3x faster decoding on CPU.", False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from xiaolm.inference.engine import Request, stream_alone
+from xiaolm.inference.engine import Engine, Request, stream_alone
 from xiaolm.inference.sampling import SamplingConfig
 from xiaolm.model.transformer import Transformer
 from xiaolm.tokenizer.bpe import XiaoTokenizer
@@ -31,8 +31,10 @@ class ChatSession:
     """One conversation with a model; `reply` streams the answer and records the turn."""
 
     def __init__(self, model: Transformer, tokenizer: XiaoTokenizer, sampling: SamplingConfig,
-                 system: str | None = None) -> None:
+                 system: str | None = None, compile: bool = False) -> None:
         self.model = model
+        # compiled: one engine (its cache the whole context) for every turn, compiled at the first
+        self.engine = Engine(model, tokenizer, num_slots=1, compile=True) if compile else None
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.system = system
@@ -77,7 +79,7 @@ class ChatSession:
         request = Request(self.prompt_ids(user_text), self.sampling, stop_ids=frozenset(self.tokenizer.stop_ids))
         pieces: list[str] = []
         self.last_stop_id = None
-        for piece in stream_alone(self.model, self.tokenizer, request):
+        for piece in stream_alone(self.model, self.tokenizer, request, self.engine):
             pieces.append(piece)
             yield piece
         self.last_stop_id = request.stop_id
@@ -123,14 +125,14 @@ def _decoded(line: str | bytes) -> str | None:
 
 
 def run_chat(checkpoint: str | Path, sampling: SamplingConfig, *, system: str | None = None, device: str = "auto",
-             stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+             compile: bool = False, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """The `xiaolm chat` loop. Interactive on a terminal; with piped input each line is one user
     message and the transcript (user and assistant lines) goes to stdout."""
     from xiaolm.checkpoint import load_model
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     loaded = load_model(checkpoint, device)
-    session = ChatSession(loaded.model, loaded.tokenizer, sampling, system)
+    session = ChatSession(loaded.model, loaded.tokenizer, sampling, system, compile)
     interactive = stdin.isatty()
     if interactive:
         stdout.write(f"xiaolm chat with {checkpoint} ({HELP})\n")

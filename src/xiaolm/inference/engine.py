@@ -154,7 +154,7 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer: XiaoTokenizer | None, num_slots: int = 1,
                  max_len: int | None = None, max_waiting: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, compile: bool = False) -> None:
         if num_slots < 1:
             raise ValueError("num_slots must be at least 1")
         if prefill_chunk < 1:
@@ -166,7 +166,13 @@ class Engine:
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.max_waiting = max_waiting
         self.device = model.embed_tokens.weight.device
-        self.cache = model.allocate_cache(num_slots, self.max_len)
+        # compiled: a spare row and position (inference/compiled.py)
+        self.cache = model.allocate_cache(num_slots + int(compile), self.max_len + int(compile))
+        self.compiled = None
+        if compile:
+            from xiaolm.inference.compiled import CompiledDecoder
+
+            self.compiled = CompiledDecoder(model, self.cache)
         vocab_size = model.config.vocab_size
         self.seen = torch.zeros(num_slots, vocab_size, dtype=torch.bool, device=self.device)  # prompt + reply
         self.counts = torch.zeros(num_slots, vocab_size, dtype=torch.int32, device=self.device)  # reply only
@@ -334,11 +340,24 @@ class Engine:
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """The decode forward: one new token for each active row (n,), every row at its own position
-        in rows [0, n) of the cache; the logits of what comes next (n, V). The one place a faster
-        step (static shapes, compiled) plugs in."""
+        in rows [0, n) of the cache; the logits of what comes next (n, V). Compiled (static shapes,
+        inference/compiled.py) when the engine was made with `compile`, unless that failed."""
         num_rows = tokens.shape[0]
-        cache = self.cache if num_rows == self.num_slots else self.cache.rows(0, num_rows)
+        if self.compiled is not None:
+            logits = self.compiled(tokens)
+            if logits is not None:
+                return logits
+        cache = self.cache if num_rows == self.cache.batch_size else self.cache.rows(0, num_rows)
         return self.model(tokens[:, None], cache=cache)[:, -1]
+
+    def warm_up(self) -> None:
+        """Compile the decode step now (a server does, before it listens), with a two-token request
+        of its own; nothing to do for an eager engine."""
+        if self.compiled is not None:
+            greedy = SamplingConfig(max_new_tokens=2, temperature=0)
+            self.run([Request([0], greedy)])  # one row
+            if self.num_slots > 1:
+                self.run([Request([0], greedy), Request([0], greedy)])  # several
 
     def abort(self, reason: str = FINISH_CANCELLED, error: str | None = None) -> None:
         """End every running and waiting request (after an interruption or a failed step)."""
@@ -401,16 +420,20 @@ class Engine:
             self.condition.notify_all()
 
 
-def stream_alone(model: Transformer, tokenizer: XiaoTokenizer, request: Request) -> Iterator[str]:
-    """Decode one request by itself (a batch of one) on this thread, in a cache sized for it."""
-    max_len = len(request.prompt_ids) + max(1, request.sampling.max_new_tokens)
-    yield from Engine(model, tokenizer, num_slots=1, max_len=max_len).stream(request)
+def stream_alone(model: Transformer, tokenizer: XiaoTokenizer, request: Request,
+                 engine: Engine | None = None) -> Iterator[str]:
+    """Decode one request by itself (a batch of one) on this thread: in `engine` (one slot, kept by
+    the caller across requests, e.g. compiled), else in a cache sized for it."""
+    if engine is None:
+        max_len = len(request.prompt_ids) + max(1, request.sampling.max_new_tokens)
+        engine = Engine(model, tokenizer, num_slots=1, max_len=max_len)
+    yield from engine.stream(request)
 
 
 def stream_completion(model: Transformer, tokenizer: XiaoTokenizer, prompt: str,
-                      sampling: SamplingConfig) -> Iterator[str]:
+                      sampling: SamplingConfig, engine: Engine | None = None) -> Iterator[str]:
     """Continue `prompt` (`xiaolm generate`), yielding text pieces as soon as they form whole
     characters; generation stops at the tokenizer's stop tokens, which are not printed."""
     prompt_ids = tokenizer.encode_prompt(prompt)
     request = Request(prompt_ids, sampling, stop_ids=frozenset(tokenizer.stop_ids))
-    yield from stream_alone(model, tokenizer, request)
+    yield from stream_alone(model, tokenizer, request, engine)

@@ -25,6 +25,7 @@ class KVCache:
     # where the current forward's tokens go: an int (every row starts there) or (B, T) positions
     _write_at: int | torch.Tensor | None = field(default=None, repr=False)
     _num_new: int = field(default=0, repr=False)
+    _end: int = field(default=0, repr=False)  # the longest row's length once the current forward is done
 
     def __post_init__(self) -> None:
         if self.lengths is None:
@@ -35,6 +36,15 @@ class KVCache:
                  device, dtype) -> KVCache:
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @classmethod
+    def at_positions(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, end: int) -> KVCache:
+        """A cache over `keys`/`values` set up for one forward of a token per row at `positions` (B, 1),
+        attending to the first `end` positions, as `begin(1, as_positions=True)` sets it up: what the
+        compiled decode step (inference/compiled.py) builds inside its graph. Its lengths are not kept."""
+        cache = cls(keys, values, positions[:, 0])
+        cache._write_at, cache._num_new, cache._end = positions, 1, end
+        return cache
 
     @property
     def batch_size(self) -> int:
@@ -67,14 +77,16 @@ class KVCache:
         self.values[:, target, :, :filled] = self.values[:, source, :, :filled]
         self.lengths[target] = filled
 
-    def begin(self, num_new: int) -> int | torch.Tensor:
+    def begin(self, num_new: int, as_positions: bool = False) -> int | torch.Tensor:
         """Where the next `num_new` tokens of each row go: an int when every row is at the same
-        length, else their positions, (B, num_new) on the cache's device. Refuses to overflow."""
+        length (unless `as_positions`), else their positions, (B, num_new) on the cache's device.
+        Refuses to overflow."""
         end = int(self.lengths.max()) + num_new
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
+        self._end = end
         start = int(self.lengths[0])
-        if bool((self.lengths == start).all()):
+        if not as_positions and bool((self.lengths == start).all()):
             self._write_at = start
         else:
             positions = self.lengths[:, None] + torch.arange(num_new)  # (B, T)
@@ -90,7 +102,7 @@ class KVCache:
             self.keys[layer, :, :, self._write_at:end] = k
             self.values[layer, :, :, self._write_at:end] = v
         else:
-            end = int(self.lengths.max()) + k.shape[2]
+            end = self._end
             rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
             # advanced indices around a slice put their dims first: the target is (B, T, KVH, D)
             self.keys[layer][rows, :, self._write_at] = k.transpose(1, 2)

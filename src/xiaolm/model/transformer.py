@@ -75,7 +75,8 @@ def fused_projections(owner: nn.Module, x: torch.Tensor, linears: tuple[nn.Linea
         if len(linears) == 1:
             return (F.linear(x, weight, bias),)
         return F.linear(x, weight, bias).split([linear.out_features for linear in linears], dim=-1)
-    if not getattr(owner, "keep_stacked_weights", False):
+    if not getattr(owner, "keep_stacked_weights", False) or torch.compiler.is_compiling():
+        # (the compiled decode step, inference/compiled.py, freezes the weights and packs each its own way)
         return tuple(linear(x) for linear in linears)
     # id of the first linear -> (version key, weight_t, bias)
     kept = owner.__dict__.setdefault("_stacked_weights", {})
@@ -354,11 +355,22 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The forward up to the output head: input_ids (B, T) -> final-norm hidden states (B, T, C)."""
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         end = T + (int(cache.lengths.max()) if cache is not None else 0)  # the longest row's new length
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.config.max_seq_len}")
         start = cache.begin(T) if cache is not None else 0
+        x = self.run_blocks(input_ids, start, end, cache, attn_mask)
+        if cache is not None:
+            cache.advance()
+        return x
+
+    def run_blocks(self, input_ids: torch.Tensor, start: int | torch.Tensor, end: int, cache: KVCache | None,
+                   attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Embedding, blocks and final norm of tokens (B, T) at `start` (an int, or each row's positions
+        (B, T)) in sequences whose longest ends at `end`. Decides nothing from tensor values, so the
+        compiled decode step (inference/compiled.py) traces it whole."""
+        T = input_ids.shape[1]
         cos_table, sin_table = self.rope(end)
         if isinstance(start, int):  # every row at the same position: one slice of the tables
             if cache is not None and attn_mask is None and start > 0 and T > 1:
@@ -380,8 +392,6 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, cache, attn_mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache, attn_mask)
-        if cache is not None:
-            cache.advance()
         return self.norm(x)
 
     def prefill(self, input_ids: torch.Tensor, cache: KVCache, chunk_size: int) -> torch.Tensor:

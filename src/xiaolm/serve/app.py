@@ -61,7 +61,8 @@ class Server:
         self.created = now()
         self.api_key = config.api_key or os.environ.get(API_KEY_ENV, "")
         self.engine = Engine(loaded.model, loaded.tokenizer, num_slots=config.num_slots,
-                             max_len=config.max_context or None, max_waiting=config.max_waiting)
+                             max_len=config.max_context or None, max_waiting=config.max_waiting,
+                             compile=config.compile)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -69,6 +70,7 @@ class Server:
         """Run the engine's loop on its thread (again, after `stop`); a no-op while it runs."""
         if self._thread is not None and self._thread.is_alive():
             return
+        self.engine.warm_up()  # with compile: the decode step compiles now, before the first request
         self._stop.clear()
         self._thread = threading.Thread(
             target=self.engine.run_forever, args=(self._stop, lambda e: logger.exception("engine step failed",
