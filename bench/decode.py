@@ -58,6 +58,7 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="minimind2-small")
+    parser.add_argument("--ckpt", default=None, help="a checkpoint's weights instead (e.g. an imported SmolLM2)")
     parser.add_argument("--vocab-size", type=int, default=6400)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -70,11 +71,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = ModelConfig.from_preset(args.preset, vocab_size=args.vocab_size)
+    torch.manual_seed(args.seed)
+    if args.ckpt:
+        from xiaolm.checkpoint import load_model
+
+        xiao = load_model(args.ckpt, "cpu").model.eval()
+        config = xiao.config
+    else:
+        config = ModelConfig.from_preset(args.preset, vocab_size=args.vocab_size)
+        xiao = Transformer(config).eval()
     if args.prompt_len + args.new_tokens > config.max_seq_len:
         raise ValueError(f"prompt + new tokens must fit max_seq_len={config.max_seq_len}")
-    torch.manual_seed(args.seed)
-    xiao = Transformer(config).eval()
     hf = build_hf_llama(config, source=copy.deepcopy(xiao)).eval()
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -114,9 +121,10 @@ def main() -> None:
         print(f"[batch {batch_size}] seconds xiaolm {[round(t, 2) for t in times['xiaolm']]} "
               f"transformers {[round(t, 2) for t in times['transformers']]}", flush=True)
 
-    notes.append(f"Model: preset {args.preset}, fp32, random weights (same in both), "
+    weights = f"checkpoint {args.ckpt}" if args.ckpt else f"preset {args.preset}, random weights (same in both)"
+    notes.append(f"Model: {weights}, fp32, "
                  f"xiaolm {'compiled (--compile)' if args.compile else 'eager'}, "
-                 f"vocab {args.vocab_size}; "
+                 f"vocab {config.vocab_size}; "
                  f"{args.prompt_len}-token random prompt, {args.new_tokens} new tokens per row, greedy; "
                  f"tok/s = batch x new tokens / wall time of the whole call (prefill included); "
                  f"1 warmup + {args.rounds} timed runs each, interleaved.")

@@ -8,14 +8,15 @@ template (chosen against ATen by autotuning on the machine at hand), the same pr
 2-3x faster, and every elementwise op between them fuses into a few C++ loops
 (docs/benchmarks.md, section 11).
 
-Shapes are kept static so the step compiles once: the batch is every slot of the engine's cache
-(rows without a request decode a dummy token at position 0, which the next prefill of that slot
-overwrites), and only the attention window, the longest row's length, varies, as one dynamic
-dimension. The weights are frozen into the compiled code: an engine decodes the weights it had
-when its first step compiled. Compiling takes tens of seconds on a small CPU (printed), so it pays
-for a server or a chat session, not a one-line `generate`. Where compiling fails (no C++ compiler,
-a model the graph cannot hold, such as routed Mixture-of-Experts layers) the engine says why once
-and decodes eagerly.
+Two graphs, each compiled once at its first use: one for a single row (generate, chat, a server
+with one request), one for several rows (2 up to the engine's slots), the number of rows being a
+dynamic size in it (Dynamo will not make a size of 1 dynamic). In both the attention window, the
+longest row's length, is a dynamic size too, so a growing reply never recompiles. The weights are
+frozen into the compiled code: an engine decodes the weights it had when it compiled. Compiling
+takes tens of seconds on a 2-core CPU (printed; Inductor's disk cache makes later processes
+faster), so it pays for a server or a chat session, not a one-line `generate`. Where compiling
+fails (no C++ compiler, a model the graph cannot hold, such as routed Mixture-of-Experts layers,
+whose token counts per expert are data) the engine says why once and decodes eagerly.
 """
 
 from __future__ import annotations

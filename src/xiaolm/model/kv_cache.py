@@ -40,8 +40,9 @@ class KVCache:
     @classmethod
     def at_positions(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, end: int) -> KVCache:
         """A cache over `keys`/`values` set up for one forward of a token per row at `positions` (B, 1),
-        attending to the first `end` positions, as `begin(1, as_positions=True)` sets it up: what the
-        compiled decode step (inference/compiled.py) builds inside its graph. Its lengths are not kept."""
+        attending to the first `end` positions (what `begin` sets up for rows at different lengths):
+        the compiled decode step (inference/compiled.py) builds it inside its graph. Its lengths are
+        the positions, not the cache's own."""
         cache = cls(keys, values, positions[:, 0])
         cache._write_at, cache._num_new, cache._end = positions, 1, end
         return cache
@@ -77,16 +78,15 @@ class KVCache:
         self.values[:, target, :, :filled] = self.values[:, source, :, :filled]
         self.lengths[target] = filled
 
-    def begin(self, num_new: int, as_positions: bool = False) -> int | torch.Tensor:
+    def begin(self, num_new: int) -> int | torch.Tensor:
         """Where the next `num_new` tokens of each row go: an int when every row is at the same
-        length (unless `as_positions`), else their positions, (B, num_new) on the cache's device.
-        Refuses to overflow."""
+        length, else their positions, (B, num_new) on the cache's device. Refuses to overflow."""
         end = int(self.lengths.max()) + num_new
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
         self._end = end
         start = int(self.lengths[0])
-        if not as_positions and bool((self.lengths == start).all()):
+        if bool((self.lengths == start).all()):
             self._write_at = start
         else:
             positions = self.lengths[:, None] + torch.arange(num_new)  # (B, T)
