@@ -11,7 +11,8 @@ are always rows [0, n) of the cache: a view, with nothing gathered or copied per
 
 `xiaolm generate` and `chat` run one request at a time on their own thread (`stream_alone`: a batch
 of one); the server runs `Engine.run_forever` on a background thread that requests join at any
-step (`submit`) and leave through `Request.cancel`.
+step (`submit`) and leave through `Request.cancel`. With `compile` the decode forward is a compiled
+step (inference/compiled.py), and generate and chat keep one engine across prompts and turns.
 """
 
 from __future__ import annotations
