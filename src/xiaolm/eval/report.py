@@ -261,6 +261,10 @@ def render_report(run_dir: str | Path) -> Path:
                      f"{info.get('precision', '')} matmul peak.")
     val_rows = [{"step": m["step"], "val_loss": m["val_loss"], "val_bpb": m.get("val_bpb")}
                 for m in metrics if "val_loss" in m]
+    if val_rows and train.get("num_eval_batches"):
+        lines += ["", f"Validation during training: the first {train['num_eval_batches']} batches of "
+                      f"{train.get('batch_size')} x {train.get('seq_len')} tokens of the held-out set (on each "
+                      "process), not all of it (`xiaolm eval ppl` measures it whole)."]
     lines += ["", markdown_table(val_rows), ""]
     lines += [f"![{Path(name).stem}]({name})" for name in plots]
     ppl, mcq = eval_rows(run["evals"])
