@@ -28,7 +28,7 @@ def xiaolm_generate(engine: Engine, prompt: torch.Tensor, new_tokens: int) -> to
     greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
     requests = [Request(row, greedy) for row in prompt.tolist()]
     engine.run(requests)
-    return torch.tensor([r.output_ids for r in requests])  # (B, new_tokens)
+    return torch.tensor([r.output_ids for r in requests], device=prompt.device)  # (B, new_tokens)
 
 
 def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3, help="timed runs of each, interleaved")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (bench/gpu_check.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true",
                         help="xiaolm decodes with its compiled step (compiled in the warmup run; time printed)")
@@ -82,12 +83,14 @@ def main() -> None:
         xiao = Transformer(config).eval()
     if args.prompt_len + args.new_tokens > config.max_seq_len:
         raise ValueError(f"prompt + new tokens must fit max_seq_len={config.max_seq_len}")
-    hf = build_hf_llama(config, source=copy.deepcopy(xiao)).eval()
+    hf = build_hf_llama(config, source=copy.deepcopy(xiao)).eval().to(args.device)
+    xiao = xiao.to(args.device)
     generator = torch.Generator().manual_seed(args.seed)
 
     rows, notes = [], []
     for batch_size in args.batch_sizes:
         prompt = torch.randint(3, config.vocab_size, (batch_size, args.prompt_len), generator=generator)
+        prompt = prompt.to(args.device)
         outputs = {}
         # one engine for every run, as a server or a chat session keeps one (its cache allocated once)
         engine = Engine(xiao, None, num_slots=batch_size, max_len=args.prompt_len + args.new_tokens,

@@ -4,7 +4,9 @@
 2. minimind-3 pretraining in bf16 on the committed sample, without and with `--compile`, a few
    hundred steps each: tokens/s, MFU against the measured bf16 matmul peak, peak memory, and
    compile time (first step minus a median one);
-3. the speedrun on the committed sample (no network there: `--corpus data/sample`), timed.
+3. greedy decoding of minimind2-small against transformers' `generate` at batch 1 and 8, eager
+   and with the compiled step (`bench/decode.py --device cuda [--compile]`);
+4. the speedrun on the committed sample (no network there: `--corpus data/sample`), timed.
 It prints a markdown summary and writes it to OUT/gpu_check.md with the runs beside it.
 
     python bench/gpu_check.py                 # on a CUDA machine (repository root)
@@ -69,7 +71,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="pretraining steps per run [300]")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script itself")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "pretrain", "compile", "speedrun"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "pretrain", "compile", "decode", "speedrun"])
     args = parser.parse_args()
 
     import torch
@@ -85,7 +87,8 @@ def main() -> int:
         speedrun_extra = ["--max-steps", "2", "--batch-size", "2", "--sft-steps", "2", "--dpo-steps", "1",
                           "--hidden-size", "64", "--num-layers", "1", "--vocab-size", "600",
                           "--tokenizer-chars", "200000"]
-        timeouts = {"tests": 300, "pretrain": 600, "speedrun": 600}
+        timeouts = {"tests": 300, "pretrain": 600, "decode": 600, "speedrun": 600}
+        decode_shape = ["--preset", "tiny", "--batch-sizes", "1", "--new-tokens", "8", "--rounds", "1"]
     else:
         if not torch.cuda.is_available():
             print("no CUDA GPU here; use --dry-run to check the script on a CPU", file=sys.stderr)
@@ -93,7 +96,9 @@ def main() -> int:
         device, steps, batch_size = "cuda", args.steps, args.batch_size
         shape = ["--preset", "minimind-3", "--seq-len", "512"]
         speedrun_extra = ["--pretrain-minutes", "1"]  # the GPU's own pace sets the steps of that minute
-        timeouts = {"tests": 120, "pretrain": 150, "speedrun": 300}
+        timeouts = {"tests": 120, "pretrain": 150, "decode": 120, "speedrun": 300}
+        decode_shape = ["--preset", "minimind2-small", "--batch-sizes", "1", "8", "--new-tokens", "128",
+                        "--rounds", "3"]
     lines = ["# GPU check", ""]
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -134,6 +139,16 @@ def main() -> int:
         lines += [f"minimind-3, bf16, batch {batch_size} x 512, {steps} steps on data/sample:", "",
                   "| run | steps | tok/s | MFU | peak memory GB | first log window's excess s (compile) | wall s |",
                   "|---|---|---|---|---|---|---|", *rows, ""]
+
+    if "decode" not in args.skip:
+        variants = [("eager", []), ("compiled", ["--compile"])][:1 if "compile" in args.skip else 2]
+        for name, extra in variants:
+            log = out / f"decode_{name}.log"
+            code, seconds = run([sys.executable, str(ROOT / "bench" / "decode.py"), *decode_shape, "--device", device,
+                                 *extra], log, timeouts["decode"])
+            table = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("|")]
+            lines += [f"Greedy decoding against transformers' generate, {name}: exit {code} in {seconds:.0f} s", "",
+                      *table, ""]
 
     if "speedrun" not in args.skip:
         code, seconds = run([*xiaolm, "speedrun", "--corpus", str(SAMPLE), "--out", str(out / "speedrun"),

@@ -18,3 +18,5 @@ def test_gpu_check_dry_run(tmp_path):
     rows = [line for line in report.splitlines() if line.startswith("| eager") or line.startswith("| compiled")]
     # (the compiled run and the speedrun are the same commands as tests elsewhere run: skipped here for time)
     assert len(rows) == 1 and not any("failed" in row for row in rows), report
+    assert "Greedy decoding against transformers' generate, eager: exit 0" in report, report
+    assert "identical (1 x 8 tokens)" in report, report
