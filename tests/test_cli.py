@@ -122,6 +122,13 @@ def test_eval_mcq_ppl_and_report(tmp_path, tokenizer, capsys):
     assert len(submission["text_continuation"]) == 30
     assert main(["eval", "ppl", "--ckpt", str(run), "--data", str(SAMPLE / "val.jsonl"), "--max-batches", "2"]) == 0
     assert re.search(r"ppl_val: loss=\d+\.\d+ perplexity=\d+\.\d+ bits_per_byte=\d", capsys.readouterr().out)
+    # under bf16 autocast: the same windows, a figure within 1% of fp32's, the precision recorded
+    fp32 = json.loads((run / "evals" / "ppl_val.json").read_text())
+    assert main(["eval", "ppl", "--ckpt", str(run), "--data", str(SAMPLE / "val.jsonl"), "--max-batches", "2",
+                 "--precision", "bf16", "--name", "ppl_val_bf16"]) == 0
+    bf16 = json.loads((run / "evals" / "ppl_val_bf16.json").read_text())
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16") and fp32["num_tokens"] == bf16["num_tokens"]
+    assert bf16["bpb"] == pytest.approx(fp32["bpb"], rel=0.01) and bf16["bpb"] != fp32["bpb"]
     assert main(["report", str(run)]) == 0
     report = (run / "report.md").read_text()
     assert "| ppl_val |" in report and "| mcq_exams_val_letter_0shot | [Humanities] | 80 |" in report

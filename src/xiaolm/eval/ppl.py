@@ -66,12 +66,13 @@ def evaluate_text(
     batch_size: int = 8,
     max_batches: int | None = None,
     text_field: str = "text",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """{loss, perplexity, bpb, num_tokens} over windows of `seq_len` tokens of `paths`."""
     seq_len = check_eval_settings(model, seq_len, batch_size, max_batches)
     tokenize_files(paths, tokenizer, tokens_dir, text_field=text_field)
     result = evaluate_shards(model, tokenizer, tokens_dir, seq_len=seq_len, batch_size=batch_size,
-                             max_batches=max_batches)
+                             max_batches=max_batches, precision=precision)
     return {**result, "data": [str(p) for p in paths]}
 
 
@@ -94,15 +95,17 @@ def evaluate_shards(
     seq_len: int | None = None,
     batch_size: int = 8,
     max_batches: int | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """The same over token shards already written (a run's `tokens/val`)."""
+    """The same over token shards already written (a run's `tokens/val`); the forwards in fp32, or
+    under bf16 / fp16 autocast (`precision`, recorded in the result)."""
     seq_len = check_eval_settings(model, seq_len, batch_size, max_batches)
     data = PackedTokens(tokens_dir, seq_len, seed=0, shuffle=False)
     num_batches = max_batches or math.ceil(data.num_windows / batch_size)
     evaluate = evaluate_packed(data, token_num_bytes(tokenizer), batch_size, num_batches)
     model.eval()
     with torch.inference_mode():
-        metrics = evaluate(model, Runtime(next(model.parameters()).device, "fp32"))
+        metrics = evaluate(model, Runtime(next(model.parameters()).device, precision))
     num_windows = min(data.num_windows, num_batches * batch_size)
     return {
         "kind": "ppl",
@@ -112,4 +115,5 @@ def evaluate_shards(
         "bpb": metrics["val_bpb"],
         "num_tokens": num_windows * seq_len,
         "seq_len": seq_len,
+        "precision": precision,
     }
