@@ -51,7 +51,8 @@ def start_server(checkpoint: Path, args) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "xiaolm.cli", "serve", "--ckpt", str(checkpoint), "--port", "0", "--device", "cpu",
          "--model-name", "bench", "--num-slots", str(args.num_slots), "--max-waiting", str(max(args.clients)),
-         "--max-tokens", str(args.max_tokens)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+         "--max-tokens", str(args.max_tokens), *(["--compile"] if args.compile else [])],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         found = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
         if found:
@@ -142,6 +143,8 @@ async def main() -> None:
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens each client asks for")
     parser.add_argument("--num-slots", type=int, default=16, help="the server's --num-slots")
+    parser.add_argument("--compile", action="store_true", help="the server decodes with its compiled step "
+                        "(compiled before it listens, not timed)")
     args = parser.parse_args()
     texts = list(iter_documents([ROOT / "data" / "sample" / "train.jsonl"]))
     tokenizer = train_tokenizer(texts[:2000], vocab_size=6400)
@@ -152,7 +155,8 @@ async def main() -> None:
             rows += preset_rows
             notes.append(note)
     notes.append(f"Each client: one streamed chat completion of {args.max_tokens} tokens (temperature 0.8, its own "
-                 "seed), random-weight model, fp32 on the CPU; the server and the clients share the machine. "
+                 f"seed), random-weight model, fp32 on the CPU, decoding {'compiled' if args.compile else 'eager'}; "
+                 "the server and the clients share the machine. "
                  "ratio = aggregate tok/s / the 1-client figure of the same run. The last row of each preset "
                  "repeats the largest round (memory growth).")
     table = markdown_table(["preset", "clients", "aggregate tok/s", "vs 1 client", "TTFT p50 / p95 ms",

@@ -488,7 +488,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loaded = load_model(args.ckpt, args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     sampling = SamplingConfig.from_preset("generate", **config_overrides(args, SamplingConfig))
-    engine = Engine(model, tokenizer, compile=True) if args.compile else None  # one for every prompt
+    engine = None
+    if args.compile:  # one engine for every prompt; its cache no longer than they need (the step copies it)
+        longest = max(len(tokenizer.encode_prompt(prompt)) for prompt in args.prompt)
+        engine = Engine(model, tokenizer, max_len=longest + max(1, sampling.max_new_tokens), compile=True)
     for prompt in args.prompt:
         sys.stdout.write(prompt)
         for piece in stream_completion(model, tokenizer, prompt, sampling, engine):

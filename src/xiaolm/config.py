@@ -454,7 +454,9 @@ class ServeConfig:
     max_messages: int = doc("Most messages in one chat request.", 256)
     max_body_bytes: int = doc("Largest request body; more gets 413.", 1_000_000)
     compile: bool = doc("Decode with a compiled step (torch.compile; inference/compiled.py), compiled before "
-                        "the server listens: tens of seconds at start, 2-3x faster decoding on CPU.", False)
+                        "the server listens. Experimental: the step copies the whole KV cache (slots x context), "
+                        "so with the default 16 slots it decodes slower than eager; pays only with few slots and "
+                        "a short --max-context (docs/benchmarks.md, section 11).", False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

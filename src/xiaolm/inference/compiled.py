@@ -17,6 +17,13 @@ takes tens of seconds on a 2-core CPU (printed; Inductor's disk cache makes late
 faster), so it pays for a server or a chat session, not a one-line `generate`. Where compiling
 fails (no C++ compiler, a model the graph cannot hold, such as routed Mixture-of-Experts layers,
 whose token counts per expert are data) the engine says why once and decodes eagerly.
+
+Known cost, not yet removed: the graph writes the new keys and values into a slice of its cache
+input, and Inductor does not do that in place, so every step copies the whole cache (rows x
+positions x layers). A 2-row cache of 513 positions costs minimind2-small about 3.5 ms a step
+(9.8 against 6.2 ms at 161 positions); a server's 17 x 513 cache makes compiled decoding slower
+than eager (docs/benchmarks.md, section 11). Keeping each layer's cache a tensor of its own,
+updated with index_put_ as gpt-fast does, is the likely fix.
 """
 
 from __future__ import annotations
