@@ -6,9 +6,12 @@ import json
 import logging
 import pickle
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -297,6 +300,85 @@ def test_serve_command_binds_loopback_and_serves_the_page(tmp_path, tokenizer):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def start_serve_command(checkpoint, *flags) -> tuple[subprocess.Popen, str, list[str]]:
+    """`xiaolm serve` in its own process; its URL, and a list its log lines keep arriving in."""
+    process = subprocess.Popen([sys.executable, "-m", "xiaolm.cli", "serve", "--ckpt", str(checkpoint), *flags,
+                                "--device", "cpu"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    for line in process.stderr:
+        log.append(line)
+        found = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
+        if found:
+            threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()
+            return process, found.group(1), log
+    process.wait(timeout=30)
+    raise AssertionError(f"the server did not start (exit status {process.returncode})")
+
+
+def test_serve_command_lets_a_stream_finish_on_sigterm_then_exits(tmp_path, tokenizer):
+    """The engine's loop runs on the main thread of `xiaolm serve`, the HTTP server on another: the
+    first SIGTERM stops new connections and the stream in progress still ends whole."""
+    # wide enough that 200 tokens take about a second: the signal arrives mid-stream
+    checkpoint = serving_checkpoint(tmp_path / "small", tokenizer, hidden_size=256, num_layers=4)
+    process, url, log = start_serve_command(checkpoint, "--port", "0", "--model-name", "tiny")
+    try:
+        body = {"model": "tiny", "prompt": "你好", "max_tokens": 200, "temperature": 0.8, "seed": 1,
+                "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert json.loads(first.removeprefix("data: "))["choices"]
+        assert rest[-1] == "data: [DONE]"
+        usage = json.loads(rest[-2].removeprefix("data: "))["usage"]
+        finishes = [choice["finish_reason"] for line in rest[:-1]
+                    for choice in json.loads(line.removeprefix("data: "))["choices"] if choice["finish_reason"]]
+        assert finishes and finishes[-1] in ("length", "stop"), finishes
+        assert usage["completion_tokens"] > 1
+        assert process.wait(timeout=60) == -signal.SIGTERM
+        text = "".join(log)
+        # uvicorn stopped listening before the request ended: it was in progress at the signal
+        assert text.index("Shutting down") < text.index("POST /v1/completions 200"), text[-2000:]
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=5)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def test_serve_command_ends_the_streams_on_a_second_sigint(tmp_path, tokenizer):
+    checkpoint = serving_checkpoint(tmp_path / "small", tokenizer, hidden_size=256, num_layers=4)
+    process, url, log = start_serve_command(checkpoint, "--port", "0", "--model-name", "tiny")
+    try:
+        body = {"model": "tiny", "prompt": "你好", "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.1)  # two signals sent at once may arrive as one
+            process.send_signal(signal.SIGINT)
+            list(lines)  # the stream ends (cut short) rather than hanging
+        assert process.wait(timeout=60) == 130  # KeyboardInterrupt, as for every other command
+        assert re.search(r"POST /v1/completions 200 .* finish=cancelled", "".join(log)), "".join(log)[-2000:]
+        assert "Traceback" not in "".join(log)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def test_serve_command_on_a_busy_port_exits_with_an_error(tmp_path, tokenizer):
+    checkpoint = serving_checkpoint(tmp_path / "tiny", tokenizer)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "xiaolm.cli", "serve", "--ckpt", str(checkpoint), "--port",
+                                 str(port), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr.lower(), result.stderr[-2000:]
 
 
 def test_the_readme_client_example_runs(served, capsys):

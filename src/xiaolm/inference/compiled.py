@@ -18,12 +18,13 @@ faster), so it pays for a server or a chat session, not a one-line `generate`. W
 fails (no C++ compiler, a model the graph cannot hold, such as routed Mixture-of-Experts layers,
 whose token counts per expert are data) the engine says why once and decodes eagerly.
 
-Known cost, not yet removed: the graph writes the new keys and values into a slice of its cache
-input, and Inductor does not do that in place, so every step copies the whole cache (rows x
-positions x layers). A 2-row cache of 513 positions costs minimind2-small about 3.5 ms a step
-(9.8 against 6.2 ms at 161 positions); a server's 17 x 513 cache makes compiled decoding slower
-than eager (docs/benchmarks.md, section 11). Keeping each layer's cache a tensor of its own,
-updated with index_put_ as gpt-fast does, is the likely fix.
+The cache goes in as one tensor per layer (views of the engine's cache) and the new keys and
+values are written into each whole tensor by index, which Inductor does in place; written into
+a slice of rows of one (L, B, ...) tensor, the graph copied the whole cache every step, which
+made a server's compiled decoding slower than eager (docs/benchmarks.md, sections 11-12).
+Its many short parallel kernels also want the thread that did the process's other tensor work:
+run from a second thread they took 2-3x as long (OpenMP, see serve/app.py), so `xiaolm serve`
+decodes on its main thread.
 """
 
 from __future__ import annotations
@@ -51,20 +52,21 @@ def inductor_options(device: torch.device) -> dict:
 
 
 class DecodeStep(nn.Module):
-    """One decode forward: tokens (n, 1), the rows [0, n) of the cache `keys`/`values` (L, B, KVH, S, D),
-    each at its position in `positions` (B, 1), attending to the first `window.shape[0]` positions;
-    the next-token logits (n, V). Writes the new keys and values into the cache. The rows of the
-    forward are sliced here, from the sizes of `tokens`, so they are one symbol when dynamic."""
+    """One decode forward: tokens (n, 1), the rows [0, n) of the cache `keys`/`values` (one tensor
+    (B, KVH, S, D) per layer), each at its position in `positions` (B, 1), attending to the first
+    `window.shape[0]` positions; the next-token logits (n, V). Writes the new keys and values into
+    the cache in place. The rows of the forward are sliced here, from the sizes of `tokens`, so they
+    are one symbol when dynamic."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                window: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
+                values: list[torch.Tensor], window: torch.Tensor) -> torch.Tensor:
         num_rows, end = tokens.shape[0], window.shape[0]
         positions = positions[:num_rows]
-        cache = KVCache.at_positions(keys[:, :num_rows], values[:, :num_rows], positions, end)
+        cache = KVCache.at_positions(keys, values, positions, end)
         x = self.model.run_blocks(tokens, positions, end, cache, None)
         return self.model.lm_head(x[:, -1])
 
@@ -83,6 +85,8 @@ class CompiledDecoder:
         self.options = inductor_options(cache.keys.device)
         self.step = torch.compile(DecodeStep(model).eval(), dynamic=False, fullgraph=True)
         self.positions = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.keys.device)
+        # the graph's cache inputs: a view of each layer's keys and values (see KVCache.at_positions)
+        self.keys, self.values = list(cache.keys.unbind(0)), list(cache.values.unbind(0))
         self.failed = False
         self.compiled_for: set[bool] = set()  # compiled for one row (False) / several (True)
 
@@ -110,7 +114,7 @@ class CompiledDecoder:
             with torch._inductor.config.patch(self.options), warnings.catch_warnings():
                 # Inductor's autotuning still calls tensor.storage(): a deprecation warning per matmul
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-                logits = self.step(tokens, self.positions, cache.keys, cache.values, window)
+                logits = self.step(tokens, self.positions, self.keys, self.values, window)
         except Exception as error:  # noqa: BLE001 - any failure to compile means: decode eagerly
             if not new:
                 raise

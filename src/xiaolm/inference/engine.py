@@ -9,9 +9,10 @@ time. A request that ends (a stop token, a stop string, its token limit, the con
 cancelled frees its slot at once, and the last active slot moves into the hole, so the active rows
 are always rows [0, n) of the cache: a view, with nothing gathered or copied per step.
 
-`xiaolm generate` and `chat` run one request at a time on their own thread (`stream_alone`: a batch
-of one); the server runs `Engine.run_forever` on a background thread that requests join at any
-step (`submit`) and leave through `Request.cancel`. With `compile` the decode forward is a compiled
+`xiaolm generate` and `chat` run one request at a time on the calling thread (`stream_alone`: a
+batch of one); `xiaolm serve` runs `Engine.run_forever` on its main thread (the one that loaded the
+model: serve/app.py says why), which requests from the HTTP thread join at any step (`submit`) and
+leave through `Request.cancel`. With `compile` the decode forward is a compiled
 step (inference/compiled.py), and generate and chat keep one engine across prompts and turns.
 """
 
@@ -400,7 +401,7 @@ class Engine:
                 self.abort()
 
     def run_forever(self, stop: threading.Event, on_error: Callable[[BaseException], None] | None = None) -> None:
-        """The server's loop (on its own thread): step while there is work, sleep when there is none.
+        """The server's loop: step while there is work, sleep when there is none, until `stop`.
         A failing step ends the requests it held with an error and the loop goes on."""
         while not stop.is_set():
             with self.condition:

@@ -10,6 +10,7 @@ tokens go to one slice of all rows, the same fast path as a cache with a single 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,8 +20,8 @@ import torch
 class KVCache:
     """Preallocated keys and values for every layer; row b holds `lengths[b]` filled positions."""
 
-    keys: torch.Tensor  # (L, B, KVH, max_len, D)
-    values: torch.Tensor  # (L, B, KVH, max_len, D)
+    keys: torch.Tensor  # (L, B, KVH, max_len, D); in the compiled step, one (B, KVH, max_len, D) per layer
+    values: torch.Tensor  # (L, B, KVH, max_len, D); likewise
     lengths: torch.Tensor = None  # (B,) int64 on the CPU: plain numbers, read without a device sync
     # where the current forward's tokens go: an int (every row starts there) or (B, T) positions
     _write_at: int | torch.Tensor | None = field(default=None, repr=False)
@@ -38,11 +39,14 @@ class KVCache:
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     @classmethod
-    def at_positions(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, end: int) -> KVCache:
-        """A cache over `keys`/`values` set up for one forward of a token per row at `positions` (B, 1),
-        attending to the first `end` positions (what `begin` sets up for rows at different lengths):
-        the compiled decode step (inference/compiled.py) builds it inside its graph. Its lengths are
-        the positions, not the cache's own."""
+    def at_positions(cls, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], positions: torch.Tensor,
+                     end: int) -> KVCache:
+        """A cache for one forward of a token per row at `positions` (n, 1) in the first n rows of
+        `keys`/`values`, one tensor (B, KVH, max_len, D) per layer, attending to the first `end`
+        positions (what `begin` sets up for rows at different lengths): the compiled decode step
+        (inference/compiled.py) builds it inside its graph. Its lengths are the positions, not the
+        cache's own. One tensor per layer, written whole: Inductor then updates them in place, where a
+        write into a slice of one (L, B, ...) tensor copies all of it every step."""
         cache = cls(keys, values, positions[:, 0])
         cache._write_at, cache._num_new, cache._end = positions, 1, end
         return cache
@@ -96,18 +100,22 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, KVH, T, D) where `begin` said; return keys and values (B, KVH, S, D) up to
-        the longest row's end (shorter rows' extra positions are for the attention mask to hide)."""
+        the longest row's end (shorter rows' extra positions are for the attention mask to hide).
+        The writes index the layer's whole tensor (rows 0..B-1 of it), never a slice of its rows,
+        which the compiled step needs (`at_positions`)."""
+        keys, values = self.keys[layer], self.values[layer]  # (rows, KVH, max_len, D)
         if isinstance(self._write_at, int):
             end = self._write_at + k.shape[2]
-            self.keys[layer, :, :, self._write_at:end] = k
-            self.values[layer, :, :, self._write_at:end] = v
+            keys[:, :, self._write_at:end] = k
+            values[:, :, self._write_at:end] = v
         else:
             end = self._end
             rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
             # advanced indices around a slice put their dims first: the target is (B, T, KVH, D)
-            self.keys[layer][rows, :, self._write_at] = k.transpose(1, 2)
-            self.values[layer][rows, :, self._write_at] = v.transpose(1, 2)
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+            keys[rows, :, self._write_at] = k.transpose(1, 2)
+            values[rows, :, self._write_at] = v.transpose(1, 2)
+        num_rows = k.shape[0]  # all of them, except in the compiled step's cache
+        return keys[:num_rows, :, :end], values[:num_rows, :, :end]
 
     def advance(self) -> None:
         """The forward is done: every row grew by the tokens `begin` placed."""

@@ -3,10 +3,16 @@
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streamed by SSE as the
 OpenAI API streams, or whole), GET /health, and GET / (the chat page, serve/static/chat.html).
 
-Every request that decodes becomes an engine Request (inference/engine.py); the engine runs on
-one background thread, decoding all running requests together, and hands each request's text to
-its handler through an asyncio queue. A client that goes away cancels its request, which frees
-its slot at the next step.
+Every request that decodes becomes an engine Request (inference/engine.py); the engine's loop,
+decoding all running requests together, hands each request's text to its handler through an
+asyncio queue. A client that goes away cancels its request, which frees its slot at the next step.
+`xiaolm serve` runs the engine's loop on the main thread, the one that loaded the model, and the
+HTTP server on a second thread: PyTorch's CPU kernels run on OpenMP thread teams, one per thread
+that enters them, and once two threads have entered them libgomp stops letting its idle workers
+spin, so every parallel kernel waits for a woken thread (the compiled decode step, which runs many
+short kernels, measured 2-3x slower on a second thread: docs/benchmarks.md, section 12).
+`create_app` alone (an app for another ASGI server, the tests) runs the loop on a thread of its
+own.
 
 Safe by default: listens on 127.0.0.1; with an API key every /v1/ call needs
 `Authorization: Bearer KEY` (compared in constant time); body size, messages, prompt tokens,
@@ -22,6 +28,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -206,11 +213,15 @@ async def _stream(request: Request, queue: asyncio.Queue, chunk, include_usage: 
         request.cancel()  # a no-op once finished; frees the slot of a request whose client left
 
 
-def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
-    """The FastAPI app serving `loaded`; the engine thread runs while the app does (lifespan)."""
+def create_app(loaded: LoadedModel, config: ServeConfig, engine_thread: bool = True) -> FastAPI:
+    """The FastAPI app serving `loaded`; the engine thread runs while the app does (lifespan). With
+    `engine_thread` False the caller runs the engine's loop (`serve` does, on the main thread)."""
     server = Server(loaded, config)
 
     async def lifespan(app: FastAPI):
+        if not engine_thread:
+            yield
+            return
         server.start()
         try:
             yield
@@ -425,16 +436,52 @@ class Guard:
 
 
 def serve(checkpoint, config: ServeConfig) -> None:
-    """Load the checkpoint and serve it until interrupted (`xiaolm serve`)."""
+    """Load the checkpoint and serve it until interrupted (`xiaolm serve`): the engine's loop on this
+    thread (see the module's docstring), the HTTP server on another. The first SIGINT or SIGTERM
+    stops accepting connections and lets the requests in progress finish; a second one ends them."""
     import uvicorn
 
     from xiaolm.checkpoint import load_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     loaded = load_model(checkpoint, config.device)
-    app = create_app(loaded, config)
+    app = create_app(loaded, config, engine_thread=False)
     server = app.state.server
     auth = "on" if server.api_key else "off (anyone who can reach the port may use it)"
     logger.info(f"serving {server.model_id} ({loaded.model.num_parameters():,} parameters) from {loaded.path}: "
                 f"{config.num_slots} slots, context {server.engine.max_len}, API key {auth}")
-    uvicorn.run(app, host=config.host, port=config.port, access_log=False, log_level="info")
+    server.engine.warm_up()  # with compile: the decode step compiles now, before the server listens
+    http = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, access_log=False,
+                                         log_level="info"))
+    stop = threading.Event()  # set when the HTTP server has ended: then the engine's loop ends
+
+    def listen() -> None:
+        try:
+            http.run()  # off the main thread uvicorn leaves the signals alone: they are handled below
+        finally:
+            stop.set()
+            server.engine.wake()
+
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame) -> None:
+        received.append(signum)
+        http.should_exit = True  # no new connections; the requests in progress finish
+        if len(received) > 1:  # asked twice: end them now (the loop ends them as it stops, and uvicorn,
+            stop.set()  # with no request left, finishes its shutdown)
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, on_signal) for signum in handled}
+    thread = threading.Thread(target=listen, name="xiaolm-http", daemon=True)
+    thread.start()
+    try:
+        server.engine.run_forever(stop, lambda error: logger.exception("engine step failed", exc_info=error))
+    finally:
+        http.should_exit = True
+        thread.join(timeout=30)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:  # end as the signal says (SIGINT: KeyboardInterrupt, exit status 130)
+        signal.raise_signal(received[0])
+    if not http.started:
+        raise SystemExit(1)  # uvicorn said why (e.g. the port is in use)
