@@ -58,7 +58,8 @@ API_KEY_ENV = "XIAOLM_API_KEY"
 
 
 class Server:
-    """The engine and its thread, and what every handler needs: tokenizer, limits, model id."""
+    """The engine (and its thread, when `start`ed), and what every handler needs: tokenizer, limits,
+    model id."""
 
     def __init__(self, loaded: LoadedModel, config: ServeConfig) -> None:
         self.loaded = loaded
