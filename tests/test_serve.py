@@ -19,6 +19,7 @@ import pytest
 openai = pytest.importorskip("openai", reason="the API tests use the official client: pip install 'xiaolm[dev]'")
 httpx = pytest.importorskip("httpx")
 
+from xiaolm.checkpoint import LATEST_FILE  # noqa: E402
 from xiaolm.inference.chat import chat_prompt_ids  # noqa: E402
 from xiaolm.inference.engine import Engine, Request  # noqa: E402
 from xiaolm.inference.sampling import SamplingConfig  # noqa: E402
@@ -282,8 +283,10 @@ def test_serve_never_unpickles_from_the_checkpoint(tmp_path, tokenizer):
 
 
 def test_serve_command_binds_loopback_and_serves_the_page(tmp_path, tokenizer):
-    checkpoint = serving_checkpoint(tmp_path / "tiny", tokenizer)
-    process = subprocess.Popen([sys.executable, "-m", "xiaolm.cli", "serve", "--ckpt", str(checkpoint), "--port", "0",
+    run = tmp_path / "tiny"  # a run folder: the model id is its name, not its latest step folder's
+    serving_checkpoint(run / "checkpoints" / "step_000010", tokenizer)
+    (run / "checkpoints" / LATEST_FILE).write_text("step_000010")
+    process = subprocess.Popen([sys.executable, "-m", "xiaolm.cli", "serve", "--ckpt", str(run), "--port", "0",
                                 "--device", "cpu"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         for line in process.stderr:

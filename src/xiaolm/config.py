@@ -443,7 +443,8 @@ class ServeConfig:
     port: int = doc("TCP port; 0 picks a free one (printed at start).", 8000)
     api_key: str = doc("Require `Authorization: Bearer KEY` on /v1/ (default: the XIAOLM_API_KEY environment "
                        "variable; empty: no key).", "")
-    model_name: str = doc("Model id in the API (default: the checkpoint folder's name).", "")
+    model_name: str = doc("Model id in the API (default: the name of the folder --ckpt names: a run's, or a "
+                          "checkpoint's).", "")
     device: str = doc("auto | cpu | cuda | cuda:N | mps.", "auto")
     num_slots: int = doc("Requests decoded together in one batch (rows of the KV cache).", 16)
     max_context: int = doc("KV-cache positions per request, prompt and reply together; 0: the model's "

@@ -24,6 +24,7 @@ never unpickles).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -33,6 +34,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 try:
@@ -446,6 +448,8 @@ def serve(checkpoint, config: ServeConfig) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     loaded = load_model(checkpoint, config.device)
+    # the model id: the folder asked for (a run folder's name, not that of its latest step_ folder)
+    config = dataclasses.replace(config, model_name=config.model_name or Path(checkpoint).resolve().name)
     app = create_app(loaded, config, engine_thread=False)
     server = app.state.server
     auth = "on" if server.api_key else "off (anyone who can reach the port may use it)"
