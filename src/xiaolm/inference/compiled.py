@@ -15,8 +15,9 @@ longest row's length, is a dynamic size too, so a growing reply never recompiles
 frozen into the compiled code: an engine decodes the weights it had when it compiled. Compiling
 takes tens of seconds on a 2-core CPU (printed; Inductor's disk cache makes later processes
 faster), so it pays for a server or a chat session, not a one-line `generate`. Where compiling
-fails (no C++ compiler, a model the graph cannot hold, such as routed Mixture-of-Experts layers,
-whose token counts per expert are data) the engine says why once and decodes eagerly.
+fails (no C++ compiler, a model the graph cannot hold) the engine says why once and decodes
+eagerly. Routed Mixture-of-Experts layers, whose eager dispatch has per-expert token counts (data),
+gather each token's experts' weights in the graph instead (`moe.gathered_dispatch`).
 
 The cache goes in as one tensor per layer (views of the engine's cache) and the new keys and
 values are written into each whole tensor by index, which Inductor does in place; written into

@@ -13,7 +13,8 @@ Choices, top to bottom:
 - no capacity limit and no token dropping: training, evaluation and KV-cache decoding route alike;
 - dispatch by sorting: the (token, expert) assignments are sorted by expert once, every expert runs
   one matmul chain on its contiguous slice, and one `index_add_` scatters the weighted outputs back.
-  `loop_dispatch` is the naive version (a boolean mask over all assignments per expert, minimind's
+  Compiled decoding (a few tokens, a static graph) gathers each assignment's expert weights instead
+  (`gathered_dispatch`). `loop_dispatch` is the naive version (a boolean mask over all assignments per expert, minimind's
   training path), kept as the reference the tests and bench/moe_dispatch.py compare against;
 - every expert runs, even on zero tokens, so each one is in the autograd graph and gets a (zero)
   gradient: DDP then sees no unused parameters;
@@ -56,6 +57,26 @@ def grouped_dispatch(
     outputs = torch.cat([expert(chunk) for expert, chunk in zip(experts, grouped.split(counts))])  # (N*k, C)
     outputs = outputs * weights.flatten()[order, None].to(outputs.dtype)
     return torch.zeros_like(x).index_add_(0, token_of, outputs.to(x.dtype))
+
+
+def gathered_dispatch(
+    x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: Sequence[nn.Module]
+) -> torch.Tensor:
+    """The same function as `grouped_dispatch` with no size that depends on the routing: each of
+    the N * k assignments gathers its expert's three matrices from the experts' stacked weights and
+    runs them as batched matrix products. What the compiled decode step runs (a static graph cannot
+    hold per-expert token counts): it reads only the chosen experts' weights, but copies them, so it
+    is for a few tokens, never a training batch."""
+    N, k = indices.shape
+    gate = torch.stack([expert.gate_proj.weight for expert in experts])  # (E, I, C); constants when frozen
+    up = torch.stack([expert.up_proj.weight for expert in experts])
+    down = torch.stack([expert.down_proj.weight for expert in experts])  # (E, C, I)
+    flat_experts = indices.flatten()  # (N*k,)
+    rows = x.repeat_interleave(k, dim=0)[:, None]  # (N*k, 1, C)
+    hidden = torch.bmm(rows, gate[flat_experts].transpose(1, 2))  # (N*k, 1, I)
+    hidden = nn.functional.silu(hidden) * torch.bmm(rows, up[flat_experts].transpose(1, 2))
+    outputs = torch.bmm(hidden, down[flat_experts].transpose(1, 2)).view(N, k, -1)  # (N, k, C)
+    return (outputs * weights.unsqueeze(-1).to(outputs.dtype)).sum(dim=1).to(x.dtype)
 
 
 def loop_dispatch(
@@ -139,7 +160,10 @@ class MoEFeedForward(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(B * T, C)  # (N, C)
         scores, indices, weights = self.route(flat)
-        out = self.dispatch(flat, indices, weights, self.experts)  # (N, C)
+        # compiled decoding (one token per row, a static graph): the dispatch with no data-dependent
+        # sizes; decided on T, a static size, since the rows may be a dynamic one
+        gather = torch.compiler.is_compiling() and T == 1 and not self.training
+        out = (gathered_dispatch if gather else self.dispatch)(flat, indices, weights, self.experts)  # (N, C)
         if self.shared is not None:
             out = out + self.shared(flat)
         self.last_aux_loss = None
