@@ -6,6 +6,9 @@ Each run is timed end to end (prefill included) and produces exactly max_new_tok
 The greedy outputs are compared token for token.
 
     python bench/decode.py --batch-sizes 1 8 --prompt-len 32 --new-tokens 256 --rounds 3
+
+`--peer eager --compile` times the compiled step against xiaolm's own eager engine instead, for
+models transformers' Llama cannot hold (Mixture of Experts: `--preset deepseek-moe-small`).
 """
 
 from __future__ import annotations
@@ -69,7 +72,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true",
                         help="xiaolm decodes with its compiled step (compiled in the warmup run; time printed)")
+    parser.add_argument("--peer", choices=["transformers", "eager"], default="transformers",
+                        help="what xiaolm is timed against: transformers' generate, or (with --compile) xiaolm's "
+                             "eager engine, e.g. for MoE models")
     args = parser.parse_args()
+    if args.peer == "eager" and not args.compile:
+        parser.error("--peer eager compares the compiled step with eager decoding: add --compile")
+    peer = "transformers" if args.peer == "transformers" else "xiaolm eager"
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
@@ -83,7 +92,7 @@ def main() -> None:
         xiao = Transformer(config).eval()
     if args.prompt_len + args.new_tokens > config.max_seq_len:
         raise ValueError(f"prompt + new tokens must fit max_seq_len={config.max_seq_len}")
-    hf = build_hf_llama(config, source=copy.deepcopy(xiao)).eval().to(args.device)
+    hf = build_hf_llama(config, source=copy.deepcopy(xiao)).eval().to(args.device) if peer == "transformers" else None
     xiao = xiao.to(args.device)
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -95,9 +104,14 @@ def main() -> None:
         # one engine for every run, as a server or a chat session keeps one (its cache allocated once)
         engine = Engine(xiao, None, num_slots=batch_size, max_len=args.prompt_len + args.new_tokens,
                         compile=args.compile)
+        if hf is not None:
+            run_peer = lambda: hf_generate(hf, prompt, args.new_tokens)  # noqa: E731
+        else:
+            eager = Engine(xiao, None, num_slots=batch_size, max_len=args.prompt_len + args.new_tokens)
+            run_peer = lambda: xiaolm_generate(eager, prompt, args.new_tokens)  # noqa: E731
         runs = {
             "xiaolm": lambda: outputs.update(xiaolm=xiaolm_generate(engine, prompt, args.new_tokens)),
-            "transformers": lambda: outputs.update(transformers=hf_generate(hf, prompt, args.new_tokens)),
+            peer: lambda: outputs.update({peer: run_peer()}),
         }
         warmup = {}
         for name, run in runs.items():  # warmup (and compile), and the outputs to compare
@@ -108,21 +122,20 @@ def main() -> None:
             if engine.compiled is None or engine.compiled.failed:
                 raise RuntimeError("the compiled decode step failed (see above)")
             notes.append(f"batch {batch_size}: xiaolm's warmup run, compiling included, took {warmup['xiaolm']:.1f} s "
-                         f"(transformers' {warmup['transformers']:.1f} s).")
+                         f"({peer}'s {warmup[peer]:.1f} s).")
         for name, out in outputs.items():
             if out.shape != (batch_size, args.new_tokens):
                 raise RuntimeError(f"{name} produced {tuple(out.shape)} tokens")
-        agreement = compare(outputs["xiaolm"], outputs["transformers"])
+        agreement = compare(outputs["xiaolm"], outputs[peer])
         times = interleaved_times(runs, args.rounds)
         tokens = batch_size * args.new_tokens
         tok_s = {name: tokens / median(t) for name, t in times.items()}
         rows.append([
-            batch_size, f"{tok_s['xiaolm']:,.1f}", f"{tok_s['transformers']:,.1f}",
-            f"{tok_s['xiaolm'] / tok_s['transformers']:.3f}",
-            spread(times["xiaolm"]), spread(times["transformers"]), agreement,
+            batch_size, f"{tok_s['xiaolm']:,.1f}", f"{tok_s[peer]:,.1f}", f"{tok_s['xiaolm'] / tok_s[peer]:.3f}",
+            spread(times["xiaolm"]), spread(times[peer]), agreement,
         ])
         print(f"[batch {batch_size}] seconds xiaolm {[round(t, 2) for t in times['xiaolm']]} "
-              f"transformers {[round(t, 2) for t in times['transformers']]}", flush=True)
+              f"{peer} {[round(t, 2) for t in times[peer]]}", flush=True)
 
     weights = f"checkpoint {args.ckpt}" if args.ckpt else f"preset {args.preset}, random weights (same in both)"
     notes.append(f"Model: {weights}, fp32, "
@@ -132,8 +145,8 @@ def main() -> None:
                  f"tok/s = batch x new tokens / wall time of the whole call (prefill included); "
                  f"1 warmup + {args.rounds} timed runs each, interleaved.")
     table = markdown_table(
-        ["batch", "xiaolm tok/s", "transformers tok/s", "ratio xiaolm/transformers",
-         "xiaolm spread", "transformers spread", "greedy outputs"],
+        ["batch", "xiaolm tok/s", f"{peer} tok/s", f"ratio xiaolm/{peer}",
+         "xiaolm spread", f"{peer} spread", "greedy outputs"],
         rows,
     )
     print_report("Greedy decoding throughput (KV cache)", args.threads, table, notes)
