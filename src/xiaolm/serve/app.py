@@ -475,7 +475,8 @@ def serve(checkpoint, config: ServeConfig) -> None:
         if len(received) > 1:  # asked twice: end them now (the loop ends them as it stops, and uvicorn,
             stop.set()  # with no request left, finishes its shutdown)
 
-    handled = (signal.SIGINT, signal.SIGTERM)
+    # (Python lets only the main thread set handlers; called from another, serve leaves them alone)
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     previous = {signum: signal.signal(signum, on_signal) for signum in handled}
     thread = threading.Thread(target=listen, name="xiaolm-http", daemon=True)
     thread.start()
