@@ -455,8 +455,8 @@ class ServeConfig:
     max_messages: int = doc("Most messages in one chat request.", 256)
     max_body_bytes: int = doc("Largest request body; more gets 413.", 1_000_000)
     compile: bool = doc("Decode with a compiled step (torch.compile; inference/compiled.py), compiled before "
-                        "the server listens (one to a few minutes on a small CPU; about twice the memory). "
-                        "Measured 1.5-2.7x eager's aggregate tok/s with 1-16 clients on 2 CPU cores "
+                        "the server listens (about a minute or two on a small CPU; 1.8x the memory). "
+                        "Measured 1.4-3.5x eager's aggregate tok/s with 1-16 clients on 2 CPU cores "
                         "(docs/benchmarks.md, section 12).", False)
 
     def __post_init__(self) -> None:

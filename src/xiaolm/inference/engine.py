@@ -354,12 +354,10 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compile the decode step now (a server does, before it listens), with a two-token request
-        of its own; nothing to do for an eager engine."""
+        of its own (with several slots it runs through the several-row graph: inference/compiled.py);
+        nothing to do for an eager engine."""
         if self.compiled is not None:
-            greedy = SamplingConfig(max_new_tokens=2, temperature=0)
-            self.run([Request([0], greedy)])  # one row
-            if self.num_slots > 1:
-                self.run([Request([0], greedy), Request([0], greedy)])  # several
+            self.run([Request([0], SamplingConfig(max_new_tokens=2, temperature=0))])
 
     def abort(self, reason: str = FINISH_CANCELLED, error: str | None = None) -> None:
         """End every running and waiting request (after an interruption or a failed step)."""
