@@ -8,9 +8,10 @@ decoding all running requests together, hands each request's text to its handler
 asyncio queue. A client that goes away cancels its request, which frees its slot at the next step.
 `xiaolm serve` runs the engine's loop on the main thread, the one that loaded the model, and the
 HTTP server on a second thread: PyTorch's CPU kernels run on OpenMP thread teams, one per thread
-that enters them, and once two threads have entered them libgomp stops letting its idle workers
-spin, so every parallel kernel waits for a woken thread (the compiled decode step, which runs many
-short kernels, measured 2-3x slower on a second thread: docs/benchmarks.md, section 12).
+that enters them, and once two threads have entered them libgomp (oversubscribed) barely lets its
+idle workers spin, so every parallel kernel waits for a woken thread (the compiled decode step,
+which runs many short kernels, measured 2-3x slower on a second thread: docs/benchmarks.md,
+section 12).
 `create_app` alone (an app for another ASGI server, the tests) runs the loop on a thread of its
 own.
 
