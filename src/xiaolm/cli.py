@@ -219,7 +219,7 @@ def add_train_flags(parser: argparse.ArgumentParser, preset: str,
                            "preset's)")
 
 
-COMPILE_HELP = ("decode with a compiled step (torch.compile): 2-3x faster per token on CPU, after tens of seconds "
+COMPILE_HELP = ("decode with a compiled step (torch.compile): 2-4x faster per token on CPU, after tens of seconds "
                 "of compiling at the first reply; decodes eagerly where compiling fails [off]")
 
 
@@ -489,7 +489,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     sampling = SamplingConfig.from_preset("generate", **config_overrides(args, SamplingConfig))
     engine = None
-    if args.compile:  # one engine for every prompt; its cache no longer than they need (the step copies it)
+    if args.compile:  # one engine for every prompt (one compile), its cache no longer than they need
         longest = max(len(tokenizer.encode_prompt(prompt)) for prompt in args.prompt)
         engine = Engine(model, tokenizer, max_len=longest + max(1, sampling.max_new_tokens), compile=True)
     for prompt in args.prompt:
