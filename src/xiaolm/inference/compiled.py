@@ -14,11 +14,10 @@ a dynamic size in it (Dynamo will not make a size of 1 dynamic). An engine of se
 server) runs a lone request through the several-row graph too, beside a free row, so it compiles
 and holds one graph, not two (measured about 5% slower than the one-row graph for that request).
 In both the attention window, the longest row's length, is a dynamic size too, so a growing reply
-never recompiles. The weights are
-frozen into the compiled code: an engine decodes the weights it had when it compiled. Compiling
-takes tens of seconds on a 2-core CPU (printed; Inductor's disk cache makes later processes
-faster), so it pays for a server or a chat session, not a one-line `generate`. Where compiling
-fails (no C++ compiler, a model the graph cannot hold) the engine says why once and decodes
+never recompiles. The weights are frozen into the compiled code: an engine decodes the weights it
+had when it compiled. Compiling takes tens of seconds on a 2-core CPU (printed; Inductor's disk
+cache makes later processes faster), so it pays for a server or a chat session, not a one-line
+`generate`. Where compiling fails (no C++ compiler, a model the graph cannot hold) the engine says why once and decodes
 eagerly. Routed Mixture-of-Experts layers, whose eager dispatch has per-expert token counts (data),
 gather each token's experts' weights in the graph instead (`moe.gathered_dispatch`).
 

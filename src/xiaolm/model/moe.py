@@ -15,7 +15,8 @@ Choices, top to bottom:
   one matmul chain on its contiguous slice, and one `index_add_` scatters the weighted outputs back.
   Compiled decoding (a few tokens, a static graph) gathers each assignment's expert weights instead
   (`gathered_dispatch`). `loop_dispatch` is the naive version (a boolean mask over all assignments
-  per expert, minimind's training path), kept as the reference the tests and bench/moe_dispatch.py compare against;
+  per expert, minimind's training path), kept as the reference the tests and bench/moe_dispatch.py
+  compare against;
 - every expert runs, even on zero tokens, so each one is in the autograd graph and gets a (zero)
   gradient: DDP then sees no unused parameters;
 - load balancing by an auxiliary loss E * sum_i f_i * P_i (f_i: fraction of assignments routed to

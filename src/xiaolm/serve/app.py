@@ -83,11 +83,13 @@ class Server:
             return
         self.engine.warm_up()  # with compile: the decode step compiles now, before the first request
         self._stop.clear()
-        self._thread = threading.Thread(
-            target=self.engine.run_forever, args=(self._stop, lambda e: logger.exception("engine step failed",
-                                                                                          exc_info=e)),
-            name="xiaolm-engine", daemon=True)
+        self._thread = threading.Thread(target=self.run_engine, name="xiaolm-engine", daemon=True)
         self._thread.start()
+
+    def run_engine(self) -> None:
+        """The engine's loop on this thread until `stop` (`start`'s thread; `serve` runs it on the
+        main thread)."""
+        self.engine.run_forever(self._stop, lambda error: logger.exception("engine step failed", exc_info=error))
 
     def stop(self) -> None:
         """End the engine's loop: the requests it holds end as cancelled; later ones wait for `start`."""
@@ -459,14 +461,12 @@ def serve(checkpoint, config: ServeConfig) -> None:
     server.engine.warm_up()  # with compile: the decode step compiles now, before the server listens
     http = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, access_log=False,
                                          log_level="info"))
-    stop = threading.Event()  # set when the HTTP server has ended: then the engine's loop ends
 
     def listen() -> None:
         try:
             http.run()  # off the main thread uvicorn leaves the signals alone: they are handled below
         finally:
-            stop.set()
-            server.engine.wake()
+            server.stop()  # the HTTP server has ended: so does the engine's loop
 
     received: list[int] = []
 
@@ -474,7 +474,7 @@ def serve(checkpoint, config: ServeConfig) -> None:
         received.append(signum)
         http.should_exit = True  # no new connections; the requests in progress finish
         if len(received) > 1:  # asked twice: end them now (the loop ends them as it stops, and uvicorn,
-            stop.set()  # with no request left, finishes its shutdown)
+            server._stop.set()  # with no request left, finishes its shutdown)
 
     # (Python lets only the main thread set handlers; called from another, serve leaves them alone)
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
@@ -482,7 +482,7 @@ def serve(checkpoint, config: ServeConfig) -> None:
     thread = threading.Thread(target=listen, name="xiaolm-http", daemon=True)
     thread.start()
     try:
-        server.engine.run_forever(stop, lambda error: logger.exception("engine step failed", exc_info=error))
+        server.run_engine()
     finally:
         http.should_exit = True
         thread.join(timeout=30)
