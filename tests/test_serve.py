@@ -282,29 +282,6 @@ def test_serve_never_unpickles_from_the_checkpoint(tmp_path, tokenizer):
     assert not marker.exists()
 
 
-def test_serve_command_binds_loopback_and_serves_the_page(tmp_path, tokenizer):
-    run = tmp_path / "tiny"  # a run folder: the model id is its name, not its latest step folder's
-    serving_checkpoint(run / "checkpoints" / "step_000010", tokenizer)
-    (run / "checkpoints" / LATEST_FILE).write_text("step_000010")
-    process = subprocess.Popen([sys.executable, "-m", "xiaolm.cli", "serve", "--ckpt", str(run), "--port", "0",
-                                "--device", "cpu"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in process.stderr:
-            found = re.search(r"Uvicorn running on http://([\d.]+):(\d+)", line)
-            if found:
-                break
-        assert found and found.group(1) == "127.0.0.1"
-        url = f"http://127.0.0.1:{found.group(2)}"
-        page = httpx.get(url + "/")
-        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        assert "default-src 'none'" in page.headers["content-security-policy"]
-        assert not re.search(r"(src|href)=\"(https?:)?//", page.text)  # nothing from elsewhere: works offline
-        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
 def start_serve_command(checkpoint, *flags) -> tuple[subprocess.Popen, str, list[str]]:
     """`xiaolm serve` in its own process; its URL, and a list its log lines keep arriving in."""
     process = subprocess.Popen([sys.executable, "-m", "xiaolm.cli", "serve", "--ckpt", str(checkpoint), *flags,
@@ -318,6 +295,23 @@ def start_serve_command(checkpoint, *flags) -> tuple[subprocess.Popen, str, list
             return process, found.group(1), log
     process.wait(timeout=30)
     raise AssertionError(f"the server did not start (exit status {process.returncode})")
+
+
+def test_serve_command_binds_loopback_and_serves_the_page(tmp_path, tokenizer):
+    run = tmp_path / "tiny"  # a run folder: the model id is its name, not its latest step folder's
+    serving_checkpoint(run / "checkpoints" / "step_000010", tokenizer)
+    (run / "checkpoints" / LATEST_FILE).write_text("step_000010")
+    process, url, _ = start_serve_command(run, "--port", "0")
+    try:
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        page = httpx.get(url + "/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert not re.search(r"(src|href)=\"(https?:)?//", page.text)  # nothing from elsewhere: works offline
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_serve_command_lets_a_stream_finish_on_sigterm_then_exits(tmp_path, tokenizer):
